@@ -32,7 +32,7 @@ from sllm.core.format import Checkpoint, TensorEntry, open_checkpoint
 from sllm.core.pool import HostMemoryPool, default_pool
 from sllm.errors import ChecksumMismatch, CheckpointError, UsageError
 from sllm.io.hostmem import HostBuffer
-from sllm.io.reader import DEFAULT_READ_THREADS, ParallelRead
+from sllm.io.reader import DEFAULT_READ_THREADS, ParallelRead, chunk_ranges
 
 DeviceSpec = str | torch.device | Sequence[str | torch.device] | Mapping[int, str | torch.device]
 ProgressCallback = Callable[[int, int], None]
@@ -51,6 +51,8 @@ class LoadReport:
         total_seconds: the whole call.
         gbps: ``nbytes / read_seconds / 1e9``.
         direct_io: True when every partition was read with O_DIRECT.
+        pool_hit: True when every partition's bytes were still in the host memory pool
+            (a DRAM-tier hit: nothing was read from storage).
         device: where the tensors are ("cpu", "cuda:0", or several joined by ",").
     """
 
@@ -62,6 +64,7 @@ class LoadReport:
     total_seconds: float
     gbps: float
     direct_io: bool
+    pool_hit: bool
     device: str
 
 
@@ -163,6 +166,61 @@ def _checker(ckpt: Checkpoint, part: int) -> Callable[[int, int, int, memoryview
     return check
 
 
+def partition_tag(ckpt: Checkpoint, part: int) -> tuple:
+    """What a host buffer holding partition ``part`` of ``ckpt`` is tagged with in the pool.
+
+    Names the file by path and identity (device, inode, size, mtime in ns) and the chunk
+    digests, so a rewritten or replaced checkpoint never matches a stale buffer.
+    """
+    path = ckpt.partition_path(part)
+    st = path.stat()
+    info = ckpt.manifest.partitions[part]
+    return ("sllm-partition", str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, info.chunks)
+
+
+class _PartitionFill:
+    """Iterate to get ``(start, end)`` byte ranges of partition ``part`` as they land in ``host``.
+
+    A buffer the pool handed back with this partition's tag already holds the bytes: its
+    ranges come at once (checked first with ``verify``), and ``pool_hit`` is True.
+    Otherwise the file is read with :class:`ParallelRead` and the buffer is tagged once
+    every chunk has landed; ``direct_io`` then tells whether O_DIRECT was used.
+    """
+
+    def __init__(
+        self, ckpt: Checkpoint, part: int, host: HostBuffer, *, threads: int, direct_io: bool | None, verify: bool
+    ) -> None:
+        self.ckpt, self.part, self.host = ckpt, part, host
+        self.threads, self.want_direct = threads, direct_io
+        self.check = _checker(ckpt, part) if verify else None
+        self.tag = partition_tag(ckpt, part)
+        self.pool_hit = host.tag == self.tag
+        self.direct_io = False
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        info = self.ckpt.manifest.partitions[self.part]
+        view = self.host.memoryview(info.nbytes)
+        if self.pool_hit:
+            for i, (start, end) in enumerate(chunk_ranges(info.nbytes, self.ckpt.manifest.chunk_bytes)):
+                if self.check:
+                    self.check(i, start, end, view[start:end])
+                yield start, end
+            return
+        self.host.tag = None
+        read = ParallelRead(
+            self.ckpt.partition_path(self.part),
+            view,
+            chunk_bytes=self.ckpt.manifest.chunk_bytes,
+            threads=self.threads,
+            direct_io=self.want_direct,
+            on_chunk=self.check,
+        )
+        for i in read:
+            yield read.ranges[i]
+        self.direct_io = read.direct_io
+        self.host.tag = self.tag
+
+
 def _read_partition(
     ckpt: Checkpoint,
     part: int,
@@ -173,33 +231,27 @@ def _read_partition(
     direct_io: bool | None,
     verify: bool,
     progress: Callable[[int], None],
-) -> tuple[torch.Tensor, bool]:
+) -> tuple[torch.Tensor, _PartitionFill]:
     """Fill ``host`` with partition ``part``; with a CUDA device, stream chunks to a device
-    buffer as they land. Returns (the uint8 tensor tensors will view, direct_io used)."""
-    info = ckpt.manifest.partitions[part]
-    read = ParallelRead(
-        ckpt.partition_path(part),
-        host.memoryview(info.nbytes),
-        chunk_bytes=ckpt.manifest.chunk_bytes,
-        threads=threads,
-        direct_io=direct_io,
-        on_chunk=_checker(ckpt, part) if verify else None,
-    )
-    host_bytes = host.tensor[: info.nbytes]
+    buffer as they land (the read of chunk i+1 overlaps the copy of chunk i).
+
+    Returns the uint8 tensor that the partition's tensors will view, and how it was filled.
+    """
+    nbytes = ckpt.manifest.partitions[part].nbytes
+    host_bytes = host.tensor[:nbytes]
+    fill = _PartitionFill(ckpt, part, host, threads=threads, direct_io=direct_io, verify=verify)
     if device.type != "cuda":
-        for i in read:
-            start, end = read.ranges[i]
+        for start, end in fill:
             progress(end - start)
-        return host_bytes, read.direct_io
-    dev_bytes = torch.empty(info.nbytes, dtype=torch.uint8, device=device)
+        return host_bytes, fill
+    dev_bytes = torch.empty(nbytes, dtype=torch.uint8, device=device)
     stream = torch.cuda.Stream(device=device)
     with torch.cuda.stream(stream):
-        for i in read:
-            start, end = read.ranges[i]
+        for start, end in fill:
             dev_bytes[start:end].copy_(host_bytes[start:end], non_blocking=host.pinned)
             progress(end - start)
     stream.synchronize()
-    return dev_bytes, read.direct_io
+    return dev_bytes, fill
 
 
 def tensor_views(buffers: list[torch.Tensor], tensors: dict[str, TensorEntry]) -> dict[str, torch.Tensor]:
@@ -267,16 +319,16 @@ def load_checkpoint(
 
     leases: list[HostBuffer] = []
     buffers: list[torch.Tensor] = []
-    all_direct = True
+    fills: list[_PartitionFill] = []
     try:
         for part, dev in enumerate(devices):
-            host = pool.acquire(ckpt.manifest.partitions[part].nbytes)
+            host = pool.acquire(ckpt.manifest.partitions[part].nbytes, tag=partition_tag(ckpt, part))
             leases.append(host)
-            buf, used_direct = _read_partition(
+            buf, fill = _read_partition(
                 ckpt, part, host, dev, threads=threads or DEFAULT_READ_THREADS,
                 direct_io=direct_io, verify=verify, progress=progress,
             )
-            all_direct &= used_direct
+            fills.append(fill)
             buffers.append(buf)
             if dev.type == "cuda":  # the bytes are on the device now: the host buffer is free
                 pool.release(host)
@@ -295,7 +347,8 @@ def load_checkpoint(
         build_seconds=0.0,
         total_seconds=seconds,
         gbps=total / seconds / 1e9 if seconds > 0 else 0.0,
-        direct_io=all_direct,
+        direct_io=all(f.direct_io for f in fills),
+        pool_hit=all(f.pool_hit for f in fills),
         device=",".join(dict.fromkeys(str(d) for d in devices)),
     )
     return LoadedCheckpoint(ckpt, state_dict, report, leases, pool)
@@ -437,7 +490,7 @@ def load_model(
     loaded.report = LoadReport(
         path=r.path, nbytes=r.nbytes, partitions=r.partitions, read_seconds=r.read_seconds,
         build_seconds=now - build_started, total_seconds=now - started, gbps=r.gbps,
-        direct_io=r.direct_io, device=r.device,
+        direct_io=r.direct_io, pool_hit=r.pool_hit, device=r.device,
     )
     model.sllm_report = loaded.report
     loaded.state_dict = {}

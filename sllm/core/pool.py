@@ -23,7 +23,11 @@ from sllm.io.hostmem import HostBuffer, cuda_available, round_up
 
 @dataclass(frozen=True)
 class PoolStats:
-    """Pool occupancy, bytes: ``free_bytes`` idle in the pool, ``leased_bytes`` in use."""
+    """Pool occupancy, bytes: ``free_bytes`` idle in the pool, ``leased_bytes`` in use.
+
+    ``allocations`` counts new buffers, ``reuses`` idle buffers handed out to be
+    overwritten, ``hits`` idle buffers handed back with the asked-for content (tag).
+    """
 
     capacity_bytes: int | None
     free_bytes: int
@@ -32,15 +36,19 @@ class PoolStats:
     leased_buffers: int
     allocations: int
     reuses: int
+    hits: int
 
 
 class HostMemoryPool:
     """A best-fit pool of :class:`~sllm.io.hostmem.HostBuffer` objects.
 
+    Idle buffers keep their bytes and a tag saying what they hold, so the pool doubles as a
+    DRAM cache of recently released checkpoints (the ServerlessLLM DRAM tier, §4).
+
     Args:
         capacity_bytes: the most host memory the pool holds (free + leased); None for no
-            limit. When an acquire would exceed it, idle buffers are dropped, largest first;
-            if leased buffers alone exceed it, :class:`CacheError` is raised.
+            limit. When an acquire would exceed it, idle buffers are dropped, least recently
+            released first; if leased buffers alone exceed it, :class:`CacheError` is raised.
         pinned: page-lock buffers for CUDA; None (default) pins when CUDA is available.
 
     Thread-safe.
@@ -55,20 +63,33 @@ class HostMemoryPool:
         self._lock = threading.Lock()
         self._allocations = 0
         self._reuses = 0
+        self._hits = 0
 
-    def acquire(self, nbytes: int) -> HostBuffer:
-        """Lease a buffer of at least ``nbytes`` bytes: the smallest idle one that fits
-        (and wastes at most half of itself), else a new one.
+    def acquire(self, nbytes: int, tag: object | None = None) -> HostBuffer:
+        """Lease a buffer of at least ``nbytes`` bytes.
+
+        If ``tag`` is given and an idle buffer carries it, that buffer comes back with its
+        bytes intact (``buf.tag == tag``: a hit, nothing to read). Otherwise: the smallest
+        idle buffer that fits (wasting at most half of itself), preferring the least
+        recently released, else a new one; its tag is cleared, since the caller overwrites it.
 
         Raises:
             CacheError: the pool's capacity cannot hold a buffer of that size.
         """
         need = round_up(nbytes)
         with self._lock:
+            if tag is not None:
+                for buf in self._free:
+                    if buf.tag == tag and buf.nbytes >= need:
+                        self._free.remove(buf)
+                        self._leased[id(buf)] = buf
+                        self._hits += 1
+                        return buf
             fits = [b for b in self._free if need <= b.nbytes <= 2 * need]
             if fits:
-                buf = min(fits, key=lambda b: b.nbytes)
+                buf = min(fits, key=lambda b: b.nbytes)  # min() keeps the first: least recently released
                 self._free.remove(buf)
+                buf.tag = None
                 self._leased[id(buf)] = buf
                 self._reuses += 1
                 return buf
@@ -88,12 +109,14 @@ class HostMemoryPool:
                 f"host memory pool: {need} bytes needed, {self.capacity_bytes - leased} of "
                 f"{self.capacity_bytes} free after leases"
             )
-        self._free.sort(key=lambda b: b.nbytes)
         while self._free and leased + need + sum(b.nbytes for b in self._free) > self.capacity_bytes:
-            self._free.pop()  # largest idle buffer goes back to the OS
+            self._free.pop(0)  # the least recently released idle buffer goes back to the OS
 
     def release(self, buf: HostBuffer) -> None:
-        """Return a leased buffer for reuse. The caller must hold no view of it any more."""
+        """Return a leased buffer for reuse; it keeps its tag (and bytes) until reused.
+
+        The caller must hold no view of it any more.
+        """
         with self._lock:
             if self._leased.pop(id(buf), None) is not None:
                 self._free.append(buf)
@@ -119,6 +142,7 @@ class HostMemoryPool:
                 leased_buffers=len(self._leased),
                 allocations=self._allocations,
                 reuses=self._reuses,
+                hits=self._hits,
             )
 
 

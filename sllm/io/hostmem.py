@@ -38,6 +38,7 @@ class HostBuffer:
     Attributes:
         nbytes: capacity in bytes (a multiple of :data:`BUFFER_ROUNDING`).
         pinned: True when page-locked for CUDA.
+        tag: what the bytes hold, or None (see :class:`sllm.core.pool.HostMemoryPool`).
         tensor: ``torch.uint8`` tensor of shape ``(nbytes,)`` sharing the memory.
 
     Raises:
@@ -61,6 +62,10 @@ class HostBuffer:
         else:
             self.tensor = torch.frombuffer(self._map, dtype=torch.uint8)
         self.pinned = False
+        #: What the bytes hold (set by whoever filled them, e.g. the loader's partition key);
+        #: None when the content is unknown. The pool hands a tagged buffer back to a caller
+        #: asking for the same tag, so a reload skips the read (the DRAM tier).
+        self.tag: object | None = None
         if pinned:
             self._pin()
         self._finalizer = weakref.finalize(self, HostBuffer._free, self._map, self.pinned, self.tensor.data_ptr())

@@ -1,0 +1,69 @@
+"""``sllm convert SRC DST``: a Hugging Face checkpoint to the loading-optimized sllm format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sllm.commands._options import JsonOpt, QuietOpt
+from sllm.commands._output import byte_progress, emit_json, handle_errors, stderr, table
+
+DtypeOpt = Annotated[
+    str,
+    typer.Option(
+        "--dtype",
+        help="Cast floating tensors: keep, float16, bfloat16 or float32 (integer tensors are never cast).",
+    ),
+]
+
+
+@handle_errors
+def convert(
+    src: Annotated[Path, typer.Argument(help="Hugging Face model directory (safetensors or .bin, single or sharded).")],
+    dst: Annotated[Path, typer.Argument(help="Output directory for the sllm checkpoint (must not exist).")],
+    dtype: DtypeOpt = "keep",
+    partitions: Annotated[
+        int, typer.Option("--partitions", min=1, help="Partition files, one per target device, balanced by bytes.")
+    ] = 1,
+    alignment: Annotated[
+        int, typer.Option("--alignment", help="Byte alignment of every tensor; a power of two (4096 allows O_DIRECT).")
+    ] = 4096,
+    chunk_mib: Annotated[
+        int, typer.Option("--chunk-mib", min=1, help="Checksummed chunk size in MiB (the loader's read unit).")
+    ] = 16,
+    force: Annotated[bool, typer.Option("--force", help="Replace DST if it exists (atomically).")] = False,
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Convert a Hugging Face checkpoint into an sllm checkpoint.
+
+    Tensors are laid out aligned and contiguous in partition files with a tensor index, so
+    loading is a few large reads and no deserialization. Writes into a temporary directory
+    beside DST and renames it into place: an interrupted run leaves no DST.
+    """
+    from sllm.core.convert import convert as run_convert
+
+    with byte_progress(f"converting {src.name}", enabled=not (quiet or json_output)) as on_progress:
+        result = run_convert(
+            src,
+            dst,
+            dtype=dtype,
+            partitions=partitions,
+            alignment=alignment,
+            chunk_bytes=chunk_mib * 1024 * 1024,
+            force=force,
+            on_progress=on_progress,
+        )
+    if json_output:
+        emit_json(result)
+        return
+    table(
+        f"converted {src} -> {result.path}",
+        ["partition", "bytes"],
+        [[f"partition-{i}.bin", n] for i, n in enumerate(result.partitions)],
+    )
+    stderr.print(
+        f"{result.tensors} tensors, {result.nbytes / 1e9:.3f} GB, dtype {result.dtype}, in {result.seconds:.2f} s"
+    )
