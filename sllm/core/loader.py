@@ -30,7 +30,7 @@ import torch
 
 from sllm.core.format import Checkpoint, TensorEntry, open_checkpoint
 from sllm.core.pool import HostMemoryPool, default_pool
-from sllm.errors import ChecksumMismatch, CheckpointError, UsageError
+from sllm.errors import CheckpointError, ChecksumMismatch, UsageError
 from sllm.io.hostmem import HostBuffer
 from sllm.io.reader import DEFAULT_READ_THREADS, ParallelRead, chunk_ranges
 
