@@ -163,3 +163,19 @@ def test_cuda_load_matches_cpu(tiny_sllm_gpt2):
 @cuda
 def test_cuda_pool_is_pinned():
     assert HostMemoryPool().acquire(4096).pinned
+
+
+def test_tensors_outlive_their_model_and_buffer(tiny_sllm_gpt2):
+    """A weight kept after its model is gone stays valid memory (no unmap under it)."""
+    import gc
+
+    view = HostBuffer(1 << 22).tensor[:4096]
+    gc.collect()
+    view.fill_(7)
+    assert int(view.sum()) == 7 * 4096
+    model = load_model(tiny_sllm_gpt2, pool=HostMemoryPool(pinned=False))
+    weight = model.transformer.ln_f.weight.detach()
+    expected = weight.clone()
+    del model
+    gc.collect()
+    assert torch.equal(weight, expected)

@@ -68,7 +68,7 @@ class HostBuffer:
         self.tag: object | None = None
         if pinned:
             self._pin()
-        self._finalizer = weakref.finalize(self, HostBuffer._free, self._map, self.pinned, self.tensor.data_ptr())
+        self._finalizer = weakref.finalize(self, HostBuffer._unpin, self.pinned, self.tensor.data_ptr())
 
     def _pin(self) -> None:
         cudart = torch.cuda.cudart()
@@ -76,16 +76,15 @@ class HostBuffer:
         self.pinned = int(err) == 0 if not isinstance(err, tuple) else int(err[0]) == 0
 
     @staticmethod
-    def _free(mapping: mmap.mmap, pinned: bool, ptr: int) -> None:
+    def _unpin(pinned: bool, ptr: int) -> None:
+        # The mapping itself is never closed here: torch.frombuffer holds a reference to
+        # the mmap object (not a buffer export), so closing it would unmap memory that
+        # tensor views may still use. It is unmapped when its last reference goes.
         if pinned:
             try:
                 torch.cuda.cudart().cudaHostUnregister(ptr)
             except Exception:  # noqa: BLE001 - best effort at interpreter exit
                 pass
-        try:
-            mapping.close()
-        except BufferError:
-            pass  # tensors still export the buffer; the mapping goes when they do
 
     def memoryview(self, nbytes: int | None = None) -> memoryview:
         """A writable view of the first ``nbytes`` bytes (all by default)."""

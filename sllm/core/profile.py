@@ -1,0 +1,266 @@
+"""Storage-tier profiling: measure this node's tiers as the loader uses them, write a node profile.
+
+Measures, on this node: the SSD tier's cold read bandwidth (page cache evicted, O_DIRECT,
+the best of several reader-thread counts), the DRAM tier's bandwidth to the device
+(pinned host-to-device copies with CUDA, memcpy between touched buffers otherwise), the
+remote tier's download bandwidth when one is given (a callable from the caller, so this
+module needs no network code), and the loader's fixed cost per load (the model skeleton
+build). The result is a :class:`NodeProfile`, written as TOML (tomli-w) in the shape of a
+node's entry in the cluster inventory that the scheduler reads (ServerlessLLM §6: load
+time = bytes / bandwidth of each tier crossed, plus fixed costs).
+
+It does not decide anything: estimators and the scheduler consume the profile.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sllm import __version__
+from sllm.io.atomic import atomic_write_bytes, temporary_sibling
+from sllm.io.hostmem import HostBuffer
+from sllm.io.reader import evict_page_cache, read_whole
+
+PROBE_CHUNK_BYTES = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TierBandwidth:
+    """One tier's measured bandwidth.
+
+    Attributes:
+        tier: "remote", "ssd" or "dram".
+        gbps: median bandwidth over the runs, GB/s (1e9 bytes per second).
+        nbytes: bytes moved per run.
+        seconds: median seconds per run.
+        threads: reader threads of the best setting (ssd), else 0.
+        detail: how it was measured (e.g. "O_DIRECT, page cache evicted").
+        location: the directory, URL or device measured.
+    """
+
+    tier: str
+    gbps: float
+    nbytes: int
+    seconds: float
+    threads: int = 0
+    detail: str = ""
+    location: str = ""
+
+
+@dataclass(frozen=True)
+class NodeProfile:
+    """A node's measured tiers and loader costs: its entry in the cluster inventory.
+
+    Attributes:
+        name: node name (hostname by default).
+        address: the node's ``sllm serve`` URL.
+        measured_at: ISO 8601 UTC time of the measurement.
+        host: cpus, memory_bytes, gpus (names), platform.
+        tiers: tier name -> TierBandwidth.
+        loader_fixed_seconds: model skeleton build + weight assignment per load, seconds.
+        capacities: tier name -> capacity in bytes, where configured.
+    """
+
+    name: str
+    address: str
+    measured_at: str
+    sllm_version: str
+    host: dict[str, Any]
+    tiers: dict[str, TierBandwidth]
+    loader_fixed_seconds: float
+    capacities: dict[str, int] = field(default_factory=dict)
+
+    def to_toml_dict(self) -> dict[str, Any]:
+        """The TOML document: ``[node]``, ``[node.host]``, ``[node.tiers.<tier>]``, ``[node.loader]``."""
+        node: dict[str, Any] = {
+            "name": self.name,
+            "address": self.address,
+            "measured_at": self.measured_at,
+            "sllm_version": self.sllm_version,
+            "host": self.host,
+            "tiers": {},
+            "loader": {"fixed_seconds": round(self.loader_fixed_seconds, 6)},
+        }
+        for tier, bw in self.tiers.items():
+            entry = {k: v for k, v in asdict(bw).items() if k != "tier"}
+            entry["gbps"] = round(entry["gbps"], 4)
+            entry["seconds"] = round(entry["seconds"], 6)
+            if tier in self.capacities:
+                entry["capacity_bytes"] = self.capacities[tier]
+            node["tiers"][tier] = entry
+        return {"node": node}
+
+
+def host_facts() -> dict[str, Any]:
+    """CPU count, memory bytes, GPU names (pynvml, when there is a driver), platform."""
+    import psutil
+
+    gpus: list[str] = []
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            for i in range(pynvml.nvmlDeviceGetCount()):
+                name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i))
+                gpus.append(name.decode() if isinstance(name, bytes) else str(name))
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - no NVIDIA driver: no GPUs
+        gpus = []
+    return {
+        "cpus": os.cpu_count() or 1,
+        "memory_bytes": int(psutil.virtual_memory().total),
+        "gpus": gpus,
+        "platform": platform.platform(),
+    }
+
+
+def _write_probe_file(directory: Path, nbytes: int) -> Path:
+    """A file of ``nbytes`` pseudo-random bytes in ``directory`` (fsynced), for read probes."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = temporary_sibling(directory / "read-probe")
+    block = os.urandom(PROBE_CHUNK_BYTES)
+    with open(path, "wb") as f:
+        left = nbytes
+        while left > 0:
+            f.write(block[: min(left, len(block))])
+            left -= len(block)
+        f.flush()
+        os.fsync(f.fileno())
+    return path
+
+
+def measure_ssd(
+    directory: str | os.PathLike[str],
+    nbytes: int = 1 << 30,
+    *,
+    threads_options: Sequence[int] = (1, 2, 4, 8),
+    runs: int = 3,
+) -> TierBandwidth:
+    """Cold read bandwidth of the filesystem holding ``directory``, as the loader reads.
+
+    Writes a probe file of ``nbytes`` (rounded to 4 KiB) there, then for each thread
+    count evicts it from the page cache and reads it with O_DIRECT (where allowed) into a
+    touched host buffer, ``runs`` times; keeps the best median. The probe is deleted.
+    """
+    nbytes = max(4096, nbytes // 4096 * 4096)
+    path = _write_probe_file(Path(directory), nbytes)
+    buf = HostBuffer(nbytes)
+    best: TierBandwidth | None = None
+    try:
+        for threads in threads_options:
+            times, direct = [], False
+            for _ in range(runs):
+                evict_page_cache(path)
+                started = time.perf_counter()
+                direct = read_whole(path, buf.memoryview(nbytes), chunk_bytes=PROBE_CHUNK_BYTES, threads=threads)
+                times.append(time.perf_counter() - started)
+            seconds = statistics.median(times)
+            result = TierBandwidth(
+                "ssd", nbytes / seconds / 1e9, nbytes, seconds, threads,
+                f"{'O_DIRECT' if direct else 'buffered'}, page cache evicted", str(directory),
+            )
+            if best is None or result.gbps > best.gbps:
+                best = result
+    finally:
+        path.unlink(missing_ok=True)
+    assert best is not None
+    return best
+
+
+def measure_dram_to_device(nbytes: int = 1 << 30, *, device: str = "cpu", runs: int = 3) -> TierBandwidth:
+    """Bandwidth from a host pool buffer to ``device``: pinned H2D copies with CUDA,
+    memcpy between two touched host buffers on the CPU."""
+    import torch
+
+    src = HostBuffer(nbytes, pinned=device.startswith("cuda"))
+    src_bytes = src.tensor[:nbytes]
+    if device.startswith("cuda"):
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        detail = "pinned host-to-device copy" if src.pinned else "pageable host-to-device copy"
+    else:
+        dst = HostBuffer(nbytes).tensor[:nbytes]
+        detail = "memcpy between touched host buffers"
+    times = []
+    for _ in range(runs + 1):
+        started = time.perf_counter()
+        dst.copy_(src_bytes, non_blocking=True)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    seconds = statistics.median(times[1:])  # the first copy warms caches and TLBs
+    return TierBandwidth("dram", nbytes / seconds / 1e9, nbytes, seconds, 0, detail, device)
+
+
+def measure_remote(fetch: Callable[[], int], location: str, runs: int = 1) -> TierBandwidth:
+    """Bandwidth of a remote download: ``fetch()`` downloads something and returns its bytes."""
+    times, nbytes = [], 0
+    for _ in range(runs):
+        started = time.perf_counter()
+        nbytes = fetch()
+        times.append(time.perf_counter() - started)
+    seconds = statistics.median(times)
+    return TierBandwidth("remote", nbytes / seconds / 1e9, nbytes, seconds, 0, "download", location)
+
+
+def measure_loader_fixed_seconds(model_dir: str | os.PathLike[str], runs: int = 3) -> float:
+    """Median seconds to build ``model_dir``'s skeleton and assign weights, with the bytes
+    already in the pool (a DRAM hit), after one untimed load that pays transformers'
+    lazy import of the architecture."""
+    from sllm.core.loader import load_model, release
+
+    release(load_model(model_dir))
+    times = []
+    for _ in range(runs):
+        model = load_model(model_dir)
+        times.append(model.sllm_report.build_seconds)
+        release(model)
+    return statistics.median(times)
+
+
+def build_profile(
+    tiers: dict[str, TierBandwidth],
+    *,
+    loader_fixed_seconds: float,
+    address: str = "http://127.0.0.1:8343",
+    name: str | None = None,
+    capacities: dict[str, int] | None = None,
+) -> NodeProfile:
+    """Assemble a :class:`NodeProfile` from measurements and this host's facts."""
+    return NodeProfile(
+        name=name or socket.gethostname(),
+        address=address,
+        measured_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        sllm_version=__version__,
+        host=host_facts(),
+        tiers=tiers,
+        loader_fixed_seconds=loader_fixed_seconds,
+        capacities=capacities or {},
+    )
+
+
+def write_profile(profile: NodeProfile, path: str | os.PathLike[str]) -> Path:
+    """Write ``profile`` as TOML to ``path`` atomically (temporary name, fsync, rename)."""
+    import tomli_w
+
+    path = Path(path)
+    atomic_write_bytes(path, tomli_w.dumps(profile.to_toml_dict()).encode())
+    return path
+
+
+def read_profile(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Parse a node profile TOML file (tomllib) into plain data."""
+    import tomllib
+
+    with open(path, "rb") as f:
+        return tomllib.load(f)
