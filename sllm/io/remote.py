@@ -1,0 +1,729 @@
+"""Remote stores that checkpoints are pulled from: a directory, ``http(s)://``, ``s3://``.
+
+A remote is a read-only tree of files under a base location. This module stats files,
+lists a directory of them, and streams a byte range of one file into a caller's buffer (or
+a whole file into a caller's open file) in pieces, checking that exactly the asked bytes
+arrive. It never writes to a remote, and knows nothing of models, manifests or caches:
+callers pass paths relative to the base (``"gpt2/partition-0.bin"``) and byte ranges.
+
+Schemes are a registry (:data:`REMOTES`, :func:`get_remote_class`, :func:`open_remote`):
+
+=============================  ==========================================================
+``/some/dir``, ``file:///d``   :class:`DirectoryRemote` (a local disk or an NFS mount)
+``http://``, ``https://``      :class:`HttpRemote` (httpx; ``Range`` requests, streamed)
+``s3://bucket/prefix``         :class:`S3Remote` (boto3, the optional ``s3`` extra)
+=============================  ==========================================================
+
+Every ``OSError``, httpx and botocore error is translated here, once, into
+:class:`sllm.errors.RemoteError` with one line naming the URL and the problem (not found,
+truncated, unreachable, timed out), chained ``from exc``. httpx and boto3 are imported only
+when a remote of their scheme is opened, so importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import urllib.parse
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, ClassVar
+
+from sllm.errors import RemoteError, UsageError
+
+#: Bytes asked of the network per read (a piece); a chunk is filled from several pieces.
+DEFAULT_PIECE_BYTES = 1024 * 1024
+#: The largest file :meth:`Remote.read_bytes` accepts (manifests, indexes, configs), bytes.
+DEFAULT_MAX_SMALL_BYTES = 256 * 1024 * 1024
+
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class RemoteConfig:
+    """How remotes connect. Commands build it (:meth:`from_env`); this module reads no environment.
+
+    Attributes:
+        timeout_seconds: seconds to wait for a connection or for the next bytes of a
+            response before giving up with "timed out" (default 30).
+        piece_bytes: bytes asked of the network per read (default 1 MiB).
+        s3_endpoint_url: the S3 API endpoint (e.g. ``http://127.0.0.1:9000`` for a local
+            S3-compatible server); None uses boto3's default (AWS, or boto3's own
+            ``AWS_ENDPOINT_URL`` handling).
+        s3_region: the S3 region name; None uses boto3's default.
+    """
+
+    timeout_seconds: float = 30.0
+    piece_bytes: int = DEFAULT_PIECE_BYTES
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> RemoteConfig:
+        """A config from environment variables: ``SLLM_S3_ENDPOINT`` (first) or
+        ``AWS_ENDPOINT_URL`` for the S3 endpoint, ``AWS_DEFAULT_REGION`` for the region,
+        ``SLLM_REMOTE_TIMEOUT`` (seconds). ``overrides`` win."""
+        values: dict[str, Any] = {
+            "s3_endpoint_url": environ.get("SLLM_S3_ENDPOINT") or environ.get("AWS_ENDPOINT_URL") or None,
+            "s3_region": environ.get("AWS_DEFAULT_REGION") or environ.get("AWS_REGION") or None,
+        }
+        if environ.get("SLLM_REMOTE_TIMEOUT"):
+            try:
+                values["timeout_seconds"] = float(environ["SLLM_REMOTE_TIMEOUT"])
+            except ValueError as exc:
+                raise UsageError(f"SLLM_REMOTE_TIMEOUT={environ['SLLM_REMOTE_TIMEOUT']!r}: not a number") from exc
+        values.update(overrides)
+        return cls(**values)
+
+
+def _check_relpath(path: str) -> str:
+    """Refuse paths that could leave the remote's base (absolute, ``..``, empty parts)."""
+    parts = path.split("/")
+    if not path or path.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in path or "\x00" in path:
+        raise UsageError(f"remote path {path!r}: must be a relative path without '.', '..' or empty parts")
+    return path
+
+
+class RangeStream(ABC):
+    """Bytes ``[start, end)`` of one remote file, read in order into caller buffers.
+
+    Use as a context manager; :meth:`readinto` fills a whole view or raises.
+    """
+
+    def __init__(self, url: str, start: int, end: int) -> None:
+        self.url = url
+        self.start = start
+        self.end = end
+        self.pos = start
+
+    @abstractmethod
+    def _read_some(self, view: memoryview) -> int:
+        """Fill a prefix of ``view`` with the next bytes; return how many (0 at the end)."""
+
+    def readinto(self, view: memoryview) -> None:
+        """Fill ``view`` completely with the next ``len(view)`` bytes of the range.
+
+        Raises:
+            RemoteError: the view runs past the range's end, or the remote sent fewer bytes
+                than the range holds ("truncated"), or the transfer failed.
+        """
+        view = view.cast("B") if view.format != "B" else view
+        if self.pos + len(view) > self.end:
+            raise RemoteError(f"{self.url}: read of {len(view)} bytes at {self.pos} runs past the range end {self.end}")
+        done = 0
+        while done < len(view):
+            n = self._read_some(view[done:])
+            if n == 0:
+                raise RemoteError(
+                    f"{self.url}: truncated: the transfer ended at byte {self.pos + done}, expected {self.end}"
+                )
+            done += n
+        self.pos += done
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the connection or file."""
+
+    def __enter__(self) -> RangeStream:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class Remote(ABC):
+    """A read-only store of files under a base URL. Subclasses implement one scheme.
+
+    Paths are relative to the base, with ``/`` separators (see :meth:`url_of`).
+    """
+
+    #: the URL schemes the class serves (keys of :data:`REMOTES`)
+    schemes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, url: str, config: RemoteConfig | None = None) -> None:
+        self.url = url
+        self.config = config or RemoteConfig()
+
+    def url_of(self, path: str) -> str:
+        """The full URL of ``path``, for messages."""
+        return f"{self.url.rstrip('/')}/{_check_relpath(path)}"
+
+    @abstractmethod
+    def size(self, path: str) -> int:
+        """The size of the file at ``path``, bytes.
+
+        Raises:
+            RemoteError: not found, unreachable, or the size is not given.
+        """
+
+    @abstractmethod
+    def list(self, prefix: str) -> dict[str, int]:
+        """The files directly under directory ``prefix``: name -> size in bytes.
+
+        Raises:
+            RemoteError: the prefix does not exist or cannot be listed (plain HTTP cannot).
+        """
+
+    @abstractmethod
+    def open_range(self, path: str, start: int, end: int) -> RangeStream:
+        """A stream of bytes ``[start, end)`` of ``path`` (one request, read in pieces).
+
+        Raises:
+            RemoteError: not found, unreachable, or the file is shorter than ``end``.
+        """
+
+    def exists(self, path: str) -> bool:
+        """True when ``path`` is a file on the remote; False when it is not found.
+
+        Raises:
+            RemoteError: the remote cannot be reached (only "not found" is False).
+        """
+        try:
+            self.size(path)
+        except RemoteError as exc:
+            if getattr(exc, "not_found", False):
+                return False
+            raise
+        return True
+
+    def fetch_into(self, path: str, out: memoryview, *, offset: int = 0) -> None:
+        """Fill ``out`` with bytes ``[offset, offset + len(out))`` of ``path``.
+
+        Raises:
+            RemoteError: as :meth:`open_range` and :meth:`RangeStream.readinto`.
+        """
+        if len(out) == 0:
+            return
+        with self.open_range(path, offset, offset + len(out)) as stream:
+            stream.readinto(out)
+
+    def read_bytes(self, path: str, *, max_bytes: int = DEFAULT_MAX_SMALL_BYTES) -> bytes:
+        """The whole content of a small file (a manifest, a config).
+
+        Raises:
+            RemoteError: as :meth:`size` / :meth:`fetch_into`, or the file is larger than
+                ``max_bytes``.
+        """
+        nbytes = self.size(path)
+        if nbytes > max_bytes:
+            raise RemoteError(f"{self.url_of(path)}: {nbytes} bytes, more than the {max_bytes} allowed for this file")
+        buf = bytearray(nbytes)
+        self.fetch_into(path, memoryview(buf))
+        return bytes(buf)
+
+    def fetch_to_file(
+        self,
+        path: str,
+        dst: BinaryIO,
+        *,
+        nbytes: int | None = None,
+        chunk_bytes: int = DEFAULT_PIECE_BYTES,
+        on_progress: ProgressCallback | None = None,
+    ) -> int:
+        """Copy the whole file ``path`` into the caller's open binary file ``dst``, in chunks.
+
+        Args:
+            nbytes: the expected size, bytes (None: ask the remote). A remote file of another
+                size is an error.
+            chunk_bytes: bytes per write.
+            on_progress: ``on_progress(done_bytes, total_bytes)`` after each chunk.
+
+        Returns: the bytes written.
+
+        Raises:
+            RemoteError: as :meth:`open_range`, or a size other than ``nbytes``.
+        """
+        size = self.size(path)
+        if nbytes is not None and size != nbytes:
+            raise RemoteError(f"{self.url_of(path)}: {size} bytes on the remote, expected {nbytes}")
+        buf = memoryview(bytearray(min(chunk_bytes, max(size, 1))))
+        done = 0
+        if size:
+            with self.open_range(path, 0, size) as stream:
+                while done < size:
+                    view = buf[: min(len(buf), size - done)]
+                    stream.readinto(view)
+                    dst.write(view)
+                    done += len(view)
+                    if on_progress:
+                        on_progress(done, size)
+        return done
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+    def __enter__(self) -> Remote:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _not_found(message: str) -> RemoteError:
+    """A RemoteError marked ``not_found`` (so :meth:`Remote.exists` can tell it from an outage)."""
+    err = RemoteError(message)
+    err.not_found = True  # type: ignore[attr-defined]
+    return err
+
+
+# ---------------------------------------------------------------------------------------
+# Directory (and file://)
+# ---------------------------------------------------------------------------------------
+
+
+class _FileRange(RangeStream):
+    def __init__(self, url: str, f: BinaryIO, start: int, end: int) -> None:
+        super().__init__(url, start, end)
+        self.f = f
+
+    def _read_some(self, view: memoryview) -> int:
+        try:
+            return self.f.readinto(view) or 0
+        except OSError as exc:
+            raise RemoteError(f"{self.url}: read failed at byte {self.pos} ({exc.strerror})") from exc
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class DirectoryRemote(Remote):
+    """A directory on a local or network filesystem (``/path`` or ``file:///path``)."""
+
+    schemes = ("file", "")
+
+    def __init__(self, url: str, config: RemoteConfig | None = None) -> None:
+        super().__init__(url, config)
+        parsed = urllib.parse.urlsplit(url)
+        self.root = Path(urllib.parse.unquote(parsed.path) if parsed.scheme == "file" else url).expanduser()
+        if not self.root.is_dir():
+            raise RemoteError(f"{url}: not a directory")
+
+    def url_of(self, path: str) -> str:
+        return str(self.root / _check_relpath(path))
+
+    def size(self, path: str) -> int:
+        p = self.root / _check_relpath(path)
+        try:
+            st = p.stat()
+        except FileNotFoundError as exc:
+            raise _not_found(f"{p}: not found") from exc
+        except OSError as exc:
+            raise RemoteError(f"{p}: cannot stat ({exc.strerror})") from exc
+        if not p.is_file():
+            raise RemoteError(f"{p}: not a regular file")
+        return st.st_size
+
+    def list(self, prefix: str) -> dict[str, int]:
+        d = self.root / _check_relpath(prefix)
+        try:
+            return {e.name: e.stat().st_size for e in sorted(d.iterdir()) if e.is_file()}
+        except FileNotFoundError as exc:
+            raise _not_found(f"{d}: not found") from exc
+        except OSError as exc:
+            raise RemoteError(f"{d}: cannot list ({exc.strerror})") from exc
+
+    def open_range(self, path: str, start: int, end: int) -> RangeStream:
+        p = self.root / _check_relpath(path)
+        size = self.size(path)
+        if size < end:
+            raise RemoteError(f"{p}: truncated: {size} bytes, expected at least {end}")
+        try:
+            f = open(p, "rb", buffering=0)  # noqa: SIM115 - closed by the stream
+            f.seek(start)
+        except OSError as exc:
+            raise RemoteError(f"{p}: cannot open ({exc.strerror})") from exc
+        return _FileRange(str(p), f, start, end)
+
+
+def hash_file_chunks(
+    path: str | os.PathLike[str],
+    nbytes: int,
+    chunk_bytes: int,
+    *,
+    threads: int = 2,
+    on_chunk: Callable[[int, int, int, str], None] | None = None,
+) -> list[str]:
+    """The sha256 hex digest of each ``chunk_bytes`` chunk of a local file's first ``nbytes``.
+
+    Reads with ``threads`` threads (``os.pread``, one chunk in memory per thread). The file
+    must be at least ``nbytes`` long. ``on_chunk(i, start, end, digest)`` runs as each chunk
+    is hashed (in order).
+
+    Raises:
+        RemoteError: the file cannot be read or is shorter than ``nbytes`` ("truncated").
+    """
+    ranges = [(s, min(s + chunk_bytes, nbytes)) for s in range(0, nbytes, chunk_bytes)] or [(0, 0)]
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise RemoteError(f"{path}: cannot open ({exc.strerror})") from exc
+
+    def one(r: tuple[int, int]) -> str:
+        start, end = r
+        h = hashlib.sha256()
+        pos = start
+        while pos < end:
+            try:
+                data = os.pread(fd, min(end - pos, 8 * 1024 * 1024), pos)
+            except OSError as exc:
+                raise RemoteError(f"{path}: read failed at byte {pos} ({exc.strerror})") from exc
+            if not data:
+                raise RemoteError(f"{path}: truncated: the file ends at byte {pos}, expected {nbytes}")
+            h.update(data)
+            pos += len(data)
+        return h.hexdigest()
+
+    digests = []
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="sllm-hash") as pool:
+            for i, digest in enumerate(pool.map(one, ranges)):
+                digests.append(digest)
+                if on_chunk:
+                    on_chunk(i, ranges[i][0], ranges[i][1], digest)
+    finally:
+        os.close(fd)
+    return digests
+
+
+# ---------------------------------------------------------------------------------------
+# HTTP(S)
+# ---------------------------------------------------------------------------------------
+
+
+def _http_error(url: str, exc: Exception) -> RemoteError:
+    """One line for an httpx exception (imported lazily by the caller)."""
+    import httpx
+
+    if isinstance(exc, httpx.ConnectError):
+        return RemoteError(f"{url}: cannot connect, host unreachable ({exc})")
+    if isinstance(exc, httpx.TimeoutException):
+        return RemoteError(f"{url}: timed out ({type(exc).__name__})")
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return RemoteError(f"{url}: truncated: the server closed the connection mid-transfer ({exc})")
+    return RemoteError(f"{url}: transfer failed ({type(exc).__name__}: {exc})")
+
+
+def _status_error(url: str, status: int, reason: str) -> RemoteError:
+    if status == 404:
+        return _not_found(f"{url}: not found (HTTP 404)")
+    if status == 416:
+        return RemoteError(f"{url}: truncated: the file is shorter than the range asked (HTTP 416)")
+    return RemoteError(f"{url}: HTTP {status} {reason}".rstrip())
+
+
+class _HttpRange(RangeStream):
+    def __init__(self, url: str, response: Any, start: int, end: int, piece_bytes: int) -> None:
+        super().__init__(url, start, end)
+        self.response = response
+        self._pieces = response.iter_raw()  # as the bytes arrive: a chunk size here would buffer
+        self._left = memoryview(b"")
+
+    def _read_some(self, view: memoryview) -> int:
+        import httpx
+
+        if not self._left:
+            try:
+                self._left = memoryview(next(self._pieces))
+            except StopIteration:
+                return 0
+            except httpx.HTTPError as exc:
+                raise _http_error(self.url, exc) from exc
+        n = min(len(view), len(self._left))
+        view[:n] = self._left[:n]
+        self._left = self._left[n:]
+        return n
+
+    def close(self) -> None:
+        self.response.close()
+
+
+class HttpRemote(Remote):
+    """A base URL served over HTTP(S); files are fetched with ``Range`` requests (httpx).
+
+    Listing is not possible over plain HTTP: callers know the file names (a manifest).
+    """
+
+    schemes = ("http", "https")
+
+    def __init__(self, url: str, config: RemoteConfig | None = None) -> None:
+        super().__init__(url, config)
+        import httpx
+
+        timeout = httpx.Timeout(self.config.timeout_seconds)
+        self._client = httpx.Client(
+            timeout=timeout, follow_redirects=True, headers={"Accept-Encoding": "identity"}
+        )
+
+    def url_of(self, path: str) -> str:
+        return f"{self.url.rstrip('/')}/{urllib.parse.quote(_check_relpath(path))}"
+
+    def size(self, path: str) -> int:
+        import httpx
+
+        url = self.url_of(path)
+        try:
+            r = self._client.head(url)
+            if r.status_code in (405, 501):  # no HEAD: ask for the first byte instead
+                with self._client.stream("GET", url, headers={"Range": "bytes=0-0"}) as g:
+                    if g.status_code == 206 and "/" in g.headers.get("content-range", ""):
+                        total = g.headers["content-range"].rsplit("/", 1)[1]
+                        if total.isdigit():
+                            return int(total)
+                    r = g
+        except httpx.HTTPError as exc:
+            raise _http_error(url, exc) from exc
+        if r.status_code != 200:
+            raise _status_error(url, r.status_code, r.reason_phrase)
+        length = r.headers.get("content-length")
+        if length is None or not length.isdigit():
+            raise RemoteError(f"{url}: the server gives no Content-Length, so the size cannot be checked")
+        return int(length)
+
+    def list(self, prefix: str) -> dict[str, int]:
+        raise RemoteError(f"{self.url_of(prefix)}: an http(s) remote cannot list files (name them instead)")
+
+    def open_range(self, path: str, start: int, end: int) -> RangeStream:
+        import httpx
+
+        url = self.url_of(path)
+        if end <= start:
+            return _HttpRange(url, _EmptyResponse(), start, end, 1)
+        try:
+            req = self._client.build_request("GET", url, headers={"Range": f"bytes={start}-{end - 1}"})
+            r = self._client.send(req, stream=True)
+        except httpx.HTTPError as exc:
+            raise _http_error(url, exc) from exc
+        try:
+            if r.status_code == 206:
+                got = r.headers.get("content-range", "")
+                want = f"bytes {start}-{end - 1}/"
+                if not got.startswith(want):
+                    total = got.rsplit("/", 1)[-1]
+                    if total.isdigit() and int(total) < end:
+                        raise RemoteError(f"{url}: truncated: the file is {total} bytes, expected at least {end}")
+                    raise RemoteError(f"{url}: asked for bytes {start}-{end - 1}, the server sent {got!r}")
+            elif r.status_code == 200 and start == 0:
+                length = r.headers.get("content-length")
+                if length is not None and length.isdigit() and int(length) < end:
+                    raise RemoteError(f"{url}: truncated: {length} bytes, expected at least {end}")
+            elif r.status_code == 200:
+                raise RemoteError(f"{url}: the server ignores Range requests, so bytes {start}- cannot be fetched")
+            else:
+                raise _status_error(url, r.status_code, r.reason_phrase)
+        except BaseException:
+            r.close()
+            raise
+        return _HttpRange(url, r, start, end, self.config.piece_bytes)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class _EmptyResponse:
+    def iter_raw(self, n: int | None = None) -> Iterator[bytes]:
+        return iter(())
+
+    def close(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------
+# S3
+# ---------------------------------------------------------------------------------------
+
+
+def _s3_error(url: str, exc: BaseException) -> RemoteError:
+    """One line for a botocore/urllib3 exception."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in ("404", "NoSuchKey", "NotFound", "NoSuchBucket"):
+            return _not_found(f"{url}: not found ({code})")
+        if code in ("InvalidRange", "416"):
+            return RemoteError(f"{url}: truncated: the object is shorter than the range asked ({code})")
+        return RemoteError(f"{url}: S3 error {code or status} ({err.get('Message', '')})".rstrip(" ()"))
+    if isinstance(exc, EndpointConnectionError):
+        return RemoteError(f"{url}: cannot connect, host unreachable ({exc})")
+    if isinstance(exc, NoCredentialsError):
+        return RemoteError(f"{url}: no AWS credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
+    name = type(exc).__name__
+    if "Timeout" in name:
+        return RemoteError(f"{url}: timed out ({name})")
+    if "IncompleteRead" in name or "Protocol" in name or "ResponseStreaming" in name:
+        return RemoteError(f"{url}: truncated: the connection closed mid-transfer ({name})")
+    return RemoteError(f"{url}: transfer failed ({name}: {exc})")
+
+
+def _s3_errors() -> tuple[type[BaseException], ...]:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        from urllib3.exceptions import HTTPError as Urllib3Error
+    except ImportError:  # pragma: no cover - urllib3 comes with botocore
+        return (BotoCoreError, ClientError, OSError)
+    return (BotoCoreError, ClientError, Urllib3Error, OSError)
+
+
+class _S3Range(RangeStream):
+    def __init__(self, url: str, body: Any, start: int, end: int, piece_bytes: int) -> None:
+        super().__init__(url, start, end)
+        self.body = body
+        self.piece_bytes = piece_bytes
+        self._left = memoryview(b"")
+
+    def _read_some(self, view: memoryview) -> int:
+        if not self._left:
+            try:
+                data = self.body.read(min(self.piece_bytes, self.end - self.pos))
+            except _s3_errors() as exc:
+                raise _s3_error(self.url, exc) from exc
+            if not data:
+                return 0
+            self._left = memoryview(data)
+        n = min(len(view), len(self._left))
+        view[:n] = self._left[:n]
+        self._left = self._left[n:]
+        return n
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.body.close()
+
+
+class S3Remote(Remote):
+    """``s3://bucket/prefix`` through boto3 (install the ``s3`` extra: ``pip install 'sllm[s3]'``).
+
+    Credentials come from boto3's usual chain (environment, ~/.aws, instance role); the
+    endpoint from :attr:`RemoteConfig.s3_endpoint_url` (an S3-compatible server).
+    """
+
+    schemes = ("s3",)
+
+    def __init__(self, url: str, config: RemoteConfig | None = None) -> None:
+        super().__init__(url, config)
+        parsed = urllib.parse.urlsplit(url)
+        if not parsed.netloc:
+            raise UsageError(f"{url}: an s3 URL names a bucket: s3://BUCKET[/PREFIX]")
+        self.bucket = parsed.netloc
+        self.prefix = parsed.path.strip("/")
+        try:
+            import boto3
+            from botocore.config import Config
+        except ImportError as exc:
+            raise RemoteError(
+                f"{url}: s3 remotes need boto3, which is not installed (pip install 'sllm[s3]')"
+            ) from exc
+        cfg = Config(
+            connect_timeout=self.config.timeout_seconds,
+            read_timeout=self.config.timeout_seconds,
+            retries={"max_attempts": 2, "mode": "standard"},
+            s3={"addressing_style": "path"} if self.config.s3_endpoint_url else {},
+        )
+        try:
+            self._s3 = boto3.session.Session().client(
+                "s3", endpoint_url=self.config.s3_endpoint_url, region_name=self.config.s3_region, config=cfg
+            )
+        except Exception as exc:  # noqa: BLE001 - botocore raises many kinds here (bad endpoint, region)
+            raise RemoteError(f"{url}: cannot create an S3 client ({type(exc).__name__}: {exc})") from exc
+
+    def _key(self, path: str) -> str:
+        path = _check_relpath(path)
+        return f"{self.prefix}/{path}" if self.prefix else path
+
+    def url_of(self, path: str) -> str:
+        return f"s3://{self.bucket}/{self._key(path)}"
+
+    def size(self, path: str) -> int:
+        url = self.url_of(path)
+        try:
+            r = self._s3.head_object(Bucket=self.bucket, Key=self._key(path))
+        except _s3_errors() as exc:
+            raise _s3_error(url, exc) from exc
+        return int(r["ContentLength"])
+
+    def list(self, prefix: str) -> dict[str, int]:
+        key = self._key(prefix).rstrip("/") + "/"
+        url = f"s3://{self.bucket}/{key}"
+        out: dict[str, int] = {}
+        try:
+            pages = self._s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=key, Delimiter="/")
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    out[obj["Key"][len(key):]] = int(obj["Size"])
+        except _s3_errors() as exc:
+            raise _s3_error(url, exc) from exc
+        if not out:
+            raise _not_found(f"{url}: not found (no objects under this prefix)")
+        return dict(sorted(out.items()))
+
+    def open_range(self, path: str, start: int, end: int) -> RangeStream:
+        url = self.url_of(path)
+        if end <= start:
+            return _S3Range(url, _EmptyBody(), start, end, 1)
+        try:
+            r = self._s3.get_object(Bucket=self.bucket, Key=self._key(path), Range=f"bytes={start}-{end - 1}")
+        except _s3_errors() as exc:
+            raise _s3_error(url, exc) from exc
+        got = r.get("ContentRange") or ""
+        length = int(r.get("ContentLength", -1))
+        if length != end - start or (got and not got.startswith(f"bytes {start}-{end - 1}/")):
+            r["Body"].close()
+            raise RemoteError(
+                f"{url}: truncated: asked for bytes {start}-{end - 1}, got {length} bytes ({got or 'no Content-Range'})"
+            )
+        return _S3Range(url, r["Body"], start, end, self.config.piece_bytes)
+
+
+class _EmptyBody:
+    def read(self, n: int) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------------------
+
+#: URL scheme -> remote class ("" is a plain local path).
+REMOTES: dict[str, type[Remote]] = {
+    "": DirectoryRemote,
+    "file": DirectoryRemote,
+    "http": HttpRemote,
+    "https": HttpRemote,
+    "s3": S3Remote,
+}
+
+
+def get_remote_class(scheme: str) -> type[Remote]:
+    """The remote class for a URL scheme.
+
+    Raises:
+        UsageError: an unknown scheme; the message lists the known ones.
+    """
+    try:
+        return REMOTES[scheme.lower()]
+    except KeyError:
+        known = ", ".join(f"{s}://" for s in REMOTES if s) + ", or a directory path"
+        raise UsageError(f"remote scheme {scheme!r} is not supported: use {known}") from None
+
+
+def open_remote(url: str | os.PathLike[str], config: RemoteConfig | None = None) -> Remote:
+    """Open the remote at ``url``: a directory path, ``file://``, ``http(s)://`` or ``s3://``.
+
+    Raises:
+        UsageError: an unknown scheme. RemoteError: a directory that does not exist, or
+        boto3 missing for ``s3://``.
+    """
+    url = os.fspath(url)
+    scheme = urllib.parse.urlsplit(url).scheme
+    if len(scheme) == 1:  # a Windows drive letter, not a scheme
+        scheme = ""
+    return get_remote_class(scheme)(url, config)
