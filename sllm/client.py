@@ -1,0 +1,141 @@
+"""A small httpx client for one sllm node's HTTP API (``sllm serve``).
+
+Covers what sllm's own tools need: health, models, status, and completions (whole or
+streamed as :class:`Chunk` objects, with the cold-start cost the server reports). Any
+OpenAI client works against the same routes; this one adds sllm's extras
+(``x-sllm-load-seconds``, ``/status``) and sllm's errors. httpx errors and HTTP error
+answers become :class:`~sllm.errors.ServerError` here, chained with ``from``.
+
+It does not start servers, retry, or know about models.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from sllm.errors import ServerError
+
+LOAD_HEADER = "x-sllm-load-seconds"
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One streamed piece of a completion.
+
+    Attributes:
+        text: new text (may be "").
+        finish_reason: None until the last chunk: "stop" or "length".
+        usage: token counts, on the final chunk only (``prompt_tokens``, ``completion_tokens``).
+        load_seconds: what the request waited for its model to load (0 when warm), seconds.
+    """
+
+    text: str
+    finish_reason: str | None
+    usage: dict[str, int] | None
+    load_seconds: float
+
+
+class NodeClient:
+    """Talk to the node at ``url`` (e.g. ``http://127.0.0.1:8343``).
+
+    Args:
+        url: the node's base URL, without ``/v1``.
+        api_key: sent as ``Authorization: Bearer`` when given.
+        timeout: seconds for connect and for each read; a cold start of a large model
+            counts against the read, so the default is generous (300).
+    """
+
+    def __init__(self, url: str, *, api_key: str | None = None, timeout: float = 300.0) -> None:
+        self.url = url.rstrip("/")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def __enter__(self) -> NodeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def health(self) -> bool:
+        """True when the node answers ``/health``; False when it cannot be reached."""
+        try:
+            return self._http.get("/health").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def models(self) -> list[dict[str, Any]]:
+        """``/v1/models`` entries: id, resident, nbytes, error. Raises: ServerError."""
+        return self._request("GET", "/v1/models").json()["data"]
+
+    def status(self) -> dict[str, Any]:
+        """``/status``. Raises: ServerError."""
+        return self._request("GET", "/status").json()
+
+    def complete(self, model: str, prompt: str | list[int], **params: Any) -> dict[str, Any]:
+        """A whole completion: the OpenAI response body plus ``load_seconds``.
+
+        ``params``: max_tokens, temperature, top_p, seed, stop. Raises: ServerError.
+        """
+        r = self._request("POST", "/v1/completions", json={"model": model, "prompt": prompt, **params})
+        return {**r.json(), "load_seconds": float(r.headers.get(LOAD_HEADER, 0))}
+
+    def stream(self, model: str, prompt: str | list[int], **params: Any) -> Iterator[Chunk]:
+        """A streamed completion, chunk by chunk as the server sends them.
+
+        Raises:
+            ServerError: an HTTP error answer, a failure mid-stream, or no connection.
+        """
+        body = {"model": model, "prompt": prompt, **params, "stream": True, "stream_options": {"include_usage": True}}
+        try:
+            with self._http.stream("POST", "/v1/completions", json=body) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    raise ServerError(_message(r))
+                load_seconds = float(r.headers.get(LOAD_HEADER, 0))
+                for line in r.iter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    data = line[len("data: ") :]
+                    if data == "[DONE]":
+                        return
+                    yield _chunk(json.loads(data), load_seconds, self.url)
+        except httpx.HTTPError as exc:
+            raise ServerError(f"{self.url}: {type(exc).__name__}: {exc}") from exc
+
+    def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            r = self._http.request(method, path, **kw)
+        except httpx.HTTPError as exc:
+            raise ServerError(f"cannot reach {self.url}: {type(exc).__name__}: {exc}") from exc
+        if r.status_code >= 400:
+            raise ServerError(_message(r))
+        return r
+
+
+def _chunk(event: dict[str, Any], load_seconds: float, url: str) -> Chunk:
+    if "error" in event:
+        raise ServerError(f"{url}: {event['error'].get('message', event['error'])}")
+    choices = event.get("choices") or [{}]
+    return Chunk(
+        text=choices[0].get("text") or "",
+        finish_reason=choices[0].get("finish_reason"),
+        usage=event.get("usage"),
+        load_seconds=load_seconds,
+    )
+
+
+def _message(r: httpx.Response) -> str:
+    """``"<url>: HTTP 503: <the server's message>"`` from an error answer."""
+    try:
+        detail = r.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        detail = r.text[:200] or r.reason_phrase
+    return f"{r.request.url}: HTTP {r.status_code}: {detail}"

@@ -1,0 +1,204 @@
+"""``sllm serve --models DIR``: run this node's OpenAI-compatible inference server.
+
+Thin: it checks the flags, binds the socket (so a busy port is a one-line error), builds
+:func:`sllm.server.app.create_app` and runs it with uvicorn until Ctrl-C or SIGTERM. Once
+listening it prints the URL on stderr, or with ``--json`` one JSON line
+``{"url": ..., "models": [...]}`` on stdout (the only thing on stdout; logs go to stderr).
+It imports no torch, transformers or FastAPI until it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from sllm.commands._options import DeviceOpt, DirectIoOpt, ThreadsOpt
+from sllm.commands._output import handle_errors
+from sllm.errors import UsageError
+
+DEFAULT_PORT = 8343
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """``"1500000000"``, ``"1.5G"``, ``"1.5GB"`` (powers of 10) or ``"8GiB"`` (powers of 2) -> bytes.
+
+    Raises:
+        UsageError: not a size.
+    """
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?\s*", text, re.IGNORECASE)
+    if not m:
+        raise UsageError(f"--max-memory {text!r}: not a size (examples: 6000000000, 6GB, 8GiB)")
+    value = float(m.group(1)) * _UNITS[(m.group(2) or "").lower()]
+    if value < 1:
+        raise UsageError(f"--max-memory {text!r}: must be at least 1 byte")
+    return int(value)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (port 0: a free one).
+
+    Raises:
+        UsageError: the address cannot be resolved or bound (in use, not ours).
+    """
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, addr = info[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}", hint="pick another --port") from exc
+    sock.set_inheritable(True)
+    return sock
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def _log_config(level: str) -> dict[str, Any]:
+    """uvicorn's logging, every logger (access log included) on stderr."""
+    fmt = {"()": "uvicorn.logging.DefaultFormatter", "fmt": "%(levelprefix)s %(name)s: %(message)s"}
+    handler = {"class": "logging.StreamHandler", "formatter": "default", "stream": "ext://sys.stderr"}
+    loggers = {name: {"handlers": ["stderr"], "level": level.upper(), "propagate": False}
+               for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "sllm")}  # fmt: skip
+    return {"version": 1, "disable_existing_loggers": False, "formatters": {"default": fmt},
+            "handlers": {"stderr": handler}, "loggers": loggers}  # fmt: skip
+
+
+@handle_errors
+def serve(
+    models: Annotated[
+        Path,
+        typer.Option(
+            "--models",
+            metavar="DIR",
+            help="Directory of converted models (sllm convert), one per subdirectory; the model id is the "
+            "subdirectory's name. Rescanned when a request names an unknown id.",
+        ),
+    ],
+    host: Annotated[
+        str,
+        typer.Option(
+            help="Address to listen on. The default serves this machine only; 0.0.0.0 exposes the "
+            "node to the network (set --api-key)."
+        ),
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port; 0 picks a free one (printed).")] = DEFAULT_PORT,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            envvar="SLLM_API_KEY",
+            show_envvar=True,
+            help="Require 'Authorization: Bearer KEY' on every route but /health (401 otherwise).",
+        ),
+    ] = None,
+    keep_alive: Annotated[
+        float,
+        typer.Option(
+            "--keep-alive", min=0, metavar="SECONDS", help="Idle seconds before a loaded model is unloaded (scale to zero)."
+        ),
+    ] = 300.0,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            "--max-memory",
+            metavar="BYTES",
+            help="Budget for resident model weights, bytes (suffixes: GB=10^9, GiB=2^30). Least recently "
+            "used idle models are unloaded to make room. Default: no limit.",
+        ),
+    ] = None,
+    device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = None,
+    direct_io: DirectIoOpt = None,
+    log_level: Annotated[
+        str, typer.Option("--log-level", help="stderr log level: debug, info (access log), warning, error.")
+    ] = "warning",
+    json_out: Annotated[
+        bool, typer.Option("--json", help='Once listening, print one line {"url": ..., "models": [...]} on stdout.')
+    ] = False,
+) -> None:
+    """Serve the models in DIR over an OpenAI-compatible HTTP API, loading each on demand.
+
+    A request naming a model that is not resident loads it through sllm's fast loader
+    (concurrent requests share that one load); the response header x-sllm-load-seconds
+    says how long it waited (0 when warm). Models idle for --keep-alive seconds are
+    unloaded. Routes: POST /v1/completions, POST /v1/chat/completions (stream: true for
+    Server-Sent Events), GET /v1/models, GET /status, GET /health.
+
+    Prints the URL on stderr once listening, or with --json one line {"url", "models"} on
+    stdout. Runs until Ctrl-C or SIGTERM, then unloads every model and exits.
+
+    Example: sllm serve --models ./models --port 8343 --keep-alive 60 --max-memory 8GiB
+    """
+    if not models.is_dir():
+        raise UsageError(f"--models {models}: not a directory", hint="convert a model with `sllm convert SRC DIR/NAME`")
+    if log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
+        raise UsageError(f"--log-level {log_level!r}: choose debug, info, warning or error")
+    from sllm.server.models import ServeConfig  # no torch: the app and uvicorn come in _run
+
+    config = ServeConfig(
+        models_dir=models.resolve(),
+        device=device,
+        keep_alive_seconds=keep_alive,
+        max_memory_bytes=parse_bytes(max_memory) if max_memory is not None else None,
+        api_key=api_key or None,
+        loader_threads=threads,
+        direct_io=direct_io,
+    )
+    _run(config, host, port, log_level, json_out)
+
+
+def _run(config: Any, host: str, port: int, log_level: str, json_out: bool) -> None:
+    """Bind, build the app, announce once listening, serve until a signal."""
+    import uvicorn
+
+    from sllm.server.app import create_app
+
+    app = create_app(config)
+    sock = _bind(host, port)
+    url = _url(sock)
+    ids = app.state.manager.scan()
+
+    def announce() -> None:
+        if json_out:
+            sys.stdout.write(json.dumps({"url": url, "models": ids}) + "\n")
+            sys.stdout.flush()
+        else:
+            print(f"sllm: serving {len(ids)} model(s) ({', '.join(ids) or 'none yet'}) on {url}; Ctrl-C stops",
+                  file=sys.stderr, flush=True)  # fmt: skip
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if not self.should_exit:
+                announce()
+
+    uv_config = uvicorn.Config(app, log_config=_log_config(log_level), log_level=log_level.lower(),
+                               timeout_graceful_shutdown=5, server_header=False)  # fmt: skip
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stopped) if main else None
+    try:  # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal
+        Server(uv_config).run(sockets=[sock])
+    finally:
+        sock.close()
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stopped(signum: int, frame: Any) -> None:
+    """SIGTERM after the graceful shutdown: a normal stop, exit 0."""
+    print("sllm: stopped", file=sys.stderr)
+    raise typer.Exit(0)

@@ -1,0 +1,199 @@
+"""The model lifecycle without HTTP: one load per model, keep-alive with an injected
+clock, the memory budget, in-flight requests in the status, and the text stream."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from sllm.core.engine import SamplingParams
+from sllm.core.format import open_checkpoint
+from sllm.errors import CacheError
+from sllm.server.models import ModelLoadFailed, ModelManager, ModelNotFound, ServeConfig
+from sllm.server.text import TextStream, chat_ids, chat_prompt, encode
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _manager(models_dir, clock=None, **config) -> ModelManager:
+    return ModelManager(ServeConfig(models_dir=models_dir, **config), **({"clock": clock} if clock else {}))
+
+
+def test_concurrent_acquires_share_one_load(models_dir):
+    async def scenario():
+        m = _manager(models_dir)
+        leases = await asyncio.gather(*(m.acquire("gpt2-a") for _ in range(8)))
+        assert m.counters["loads"] == 1
+        assert len({id(lease.resident) for lease in leases}) == 1 and leases[0].resident.leases == 8
+        assert sum(lease.cold is not None for lease in leases) == 1  # the one that started the load
+        for lease in leases:
+            m.release(lease)
+            m.release(lease)  # idempotent
+        assert leases[0].resident.leases == 0
+        with pytest.raises(ModelNotFound, match="gpt2-a, gpt2-b"):
+            await m.acquire("nope")
+        await m.close()
+
+    asyncio.run(scenario())
+
+
+def test_keep_alive_unloads_idle_models_only(models_dir):
+    async def scenario():
+        clock = FakeClock()
+        m = _manager(models_dir, clock, keep_alive_seconds=10)
+        lease = await m.acquire("gpt2-a")
+        clock.t += 100
+        assert await m.reap() == []  # leased: never unloaded
+        m.release(lease)
+        clock.t += 9.5
+        assert await m.reap() == []
+        clock.t += 0.5
+        assert await m.reap() == ["gpt2-a"]
+        st = m.status()
+        assert st["resident"] == [] and st["counters"]["unloads"] == 1 and st["resident_bytes"] == 0
+        lease = await m.acquire("gpt2-a")  # loads again
+        assert m.counters["loads"] == 2 and lease.load_seconds >= 0
+        m.release(lease)
+        await m.close()
+
+    asyncio.run(scenario())
+
+
+def test_memory_budget_evicts_the_least_recently_used_idle_model(models_dir):
+    size = {mid: open_checkpoint(models_dir / mid).manifest.total_bytes for mid in ("gpt2-a", "gpt2-b")}
+
+    async def scenario():
+        clock = FakeClock()
+        m = _manager(models_dir, clock, max_memory_bytes=max(size.values()) + 1)
+        a = await m.acquire("gpt2-a")
+        m.release(a)
+        clock.t += 1
+        b = await m.acquire("gpt2-b")
+        st = m.status()
+        assert [r["model"] for r in st["resident"]] == ["gpt2-b"] and st["counters"]["unloads"] == 1
+        assert st["resident_bytes"] <= st["max_memory_bytes"]
+        # gpt2-b is leased: a load of gpt2-a waits for it to go idle, then evicts it
+        pending = asyncio.ensure_future(m.acquire("gpt2-a"))
+        await asyncio.sleep(0.3)
+        assert not pending.done() and m.status()["resident"][0]["model"] == "gpt2-b"
+        m.release(b)
+        a = await asyncio.wait_for(pending, 60)
+        assert [r["model"] for r in m.status()["resident"]] == ["gpt2-a"]
+        m.release(a)
+        await m.close()
+
+        small = _manager(models_dir, max_memory_bytes=size["gpt2-a"] - 1)
+        with pytest.raises(ModelLoadFailed, match="--max-memory") as info:
+            await small.acquire("gpt2-a")
+        assert isinstance(info.value.__cause__, CacheError)
+        await small.close()
+
+    asyncio.run(scenario())
+
+
+def test_status_lists_in_flight_requests_with_their_tokens(models_dir):
+    async def scenario():
+        m = _manager(models_dir)
+        lease = await m.acquire("gpt2-b")
+        gate, got_one = threading.Event(), threading.Event()
+
+        def listener(gen, token):  # holds the engine thread after the first token
+            if token is not None:
+                got_one.set()
+                gate.wait(30)
+
+        gen = lease.resident.engine.submit([1, 2, 3], SamplingParams(max_tokens=4), request_id="r1", listener=listener)
+        assert await asyncio.to_thread(got_one.wait, 30)
+        [res] = m.status()["resident"]
+        assert res["requests"] == [{"id": "r1", "prompt_tokens": 3, "completion_tokens": 1}]
+        assert res["idle_seconds"] == 0.0  # leased
+        gate.set()
+        assert await asyncio.to_thread(gen.wait, 30)
+        assert m.status()["resident"][0]["requests"] == [] and len(gen.generated) == 4
+        m.release(lease)
+        await m.close()
+
+    asyncio.run(scenario())
+
+
+def test_text_stream_holds_back_partial_stops_and_utf8(tokenizer_gpt2):
+    tok = tokenizer_gpt2
+    s = TextStream(tok, ["the end", "xyz"])
+    seen, out = [], ""
+    for t in tok.encode("Hello world, this is the end. More text"):
+        out += s.push(t)
+        seen.append(out)
+        if s.stopped:
+            break
+    # " the" could start "the end": held back, never half-sent; then the stop cuts before it
+    assert seen == ["Hello", "Hello world", "Hello world,", "Hello world, this", "Hello world, this is",
+                    "Hello world, this is ", "Hello world, this is "]  # fmt: skip
+    assert s.stopped and s.flush() == ""
+    # a character split across byte tokens is held back until whole
+    euro = tok.encode("𝄞")  # musical G clef: 4 UTF-8 bytes
+    assert len(euro) > 1
+    s = TextStream(tok)
+    parts = [s.push(t) for t in euro]
+    assert parts[:-1] == [""] * (len(euro) - 1) and parts[-1] == "𝄞" and s.flush() == ""
+    s = TextStream(tok)
+    assert s.push(euro[0]) == "" and s.flush() == "\ufffd"  # an incomplete tail is flushed at the end
+    assert chat_prompt(tok, [("user", "Hi")]) == "user: Hi\nassistant:"
+    assert encode(tok, "") == [tok.bos_token_id]
+
+
+def test_text_stream_equals_a_whole_decode(tokenizer_gpt2):
+    """Windowed incremental decoding gives exactly the text of decoding all ids at once,
+    for random ids (byte tokens split characters often) and for multi-byte text."""
+    tok = tokenizer_gpt2
+    g = torch.Generator().manual_seed(0)
+    cases = [torch.randint(0, tok.vocab_size, (60,), generator=g).tolist() for _ in range(20)]
+    cases.append(tok.encode("naïve café — 日本語 𝄞, emoji 🎉 and more"))
+    for ids in cases:
+        s = TextStream(tok)
+        out = "".join(s.push(t) for t in ids) + s.flush()
+        assert out == tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_gpt2():
+    from transformers import AutoTokenizer
+
+    from sllm.zoo import GPT2_DIR
+
+    return AutoTokenizer.from_pretrained(GPT2_DIR)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_node_loads_to_the_gpu_and_generates(models_dir):
+    async def scenario():
+        m = _manager(models_dir, device="cuda")
+        lease = await m.acquire("gpt2-a")
+        res = lease.resident
+        assert next(res.model.parameters()).device.type == "cuda"
+        gen = res.engine.submit([1, 2, 3], SamplingParams(max_tokens=6))
+        assert await asyncio.to_thread(gen.wait, 60) and len(gen.generated) == 6
+        m.release(lease)
+        await m.close()
+
+    asyncio.run(scenario())
+
+
+def test_chat_template_is_used_when_the_tokenizer_has_one(tokenizer_gpt2):
+    import copy
+
+    tok = copy.deepcopy(tokenizer_gpt2)
+    tok.chat_template = "{% for m in messages %}<|endoftext|>[{{ m.role }}] {{ m.content }}\n{% endfor %}[assistant]"
+    msgs = [("user", "Hi")]
+    assert chat_prompt(tok, msgs) == "<|endoftext|>[user] Hi\n[assistant]"
+    ids = chat_ids(tok, msgs)
+    assert ids[0] == tok.eos_token_id and ids.count(tok.eos_token_id) == 1  # the template's, not doubled
