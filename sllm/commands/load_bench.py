@@ -1,0 +1,165 @@
+"""``sllm load-bench MODEL_DIR``: time sllm's loader against safetensors, torch.load and
+from_pretrained on one model, cold and warm, and check the targets of the loader.
+
+Thin: it parses flags, calls :func:`sllm.core.bench.prepare` and
+:func:`sllm.core.bench.run_bench`, and renders the result (a table, ``--json``, ``--plot``).
+The measuring happens in fresh worker processes started by the core; this module imports
+no torch at import time.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sllm.commands._options import DeviceOpt, JsonOpt, QuietOpt, ThreadsOpt
+from sllm.commands._output import byte_progress, emit_json, handle_errors, stdout, table
+from sllm.errors import EXIT_FAILED
+
+#: Columns the results table gets when stdout is a file or a pipe.
+MIN_WIDTH = 110
+
+
+def _fmt_ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def _via(row) -> str:
+    """How the bytes arrived, for sllm and raw rows: O_DIRECT, buffered, or the pool."""
+    if row.pool_hit:
+        return "pool"
+    if row.direct_io is None:
+        return ""
+    return "O_DIRECT" if row.direct_io else "buffered"
+
+
+def _wide_table(title: str, columns: list[str], rows: list[list]) -> None:
+    """Like ``_output.table``, but never narrower than :data:`MIN_WIDTH` columns when stdout
+    is not a terminal (rich assumes 80 there, which would cut method names)."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    for i, c in enumerate(columns):
+        numeric = bool(rows) and all(isinstance(r[i], (int, float)) for r in rows)
+        t.add_column(c, justify="right" if numeric else "left", no_wrap=not numeric)
+    for r in rows:
+        t.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in r])
+    if stdout.is_terminal:
+        stdout.print(t)
+    else:
+        from rich.console import Console
+
+        Console(file=sys.stdout, width=max(stdout.width, MIN_WIDTH)).print(t)
+
+
+def _render(result) -> None:
+    """The rows table, then the targets table, then notes (stdout)."""
+    rows = [
+        [r.loader, r.level, r.temperature, _via(r), r.seconds_median, r.seconds_min, r.seconds_max, r.gbps,
+         _fmt_ratio(r.vs_sllm)]
+        for r in result.rows
+    ]  # fmt: skip
+    _wide_table(
+        f"load-bench {result.model_dir}: {result.nbytes / 1e9:.3f} GB, {result.partitions} partition(s), "
+        f"device {result.device}, {result.runs} run(s)",
+        ["method", "ready", "cache", "via", "median s", "min s", "max s", "GB/s", "x sllm"],
+        rows,
+    )
+    stdout.print(
+        "x sllm: median time over sllm's at the same readiness and cache state (> 1 is slower; "
+        "raw and sllm-unreserved compare with sllm model)"
+    )
+    marks = {True: "met", False: "MISSED", None: "n/a"}
+    table(
+        "targets (model-ready medians)",
+        ["target", "value", "needed", "status"],
+        [[t.description, _fmt_ratio(t.value), f"{t.comparison} {t.threshold:g}x", marks[t.met]]
+         for t in result.targets],
+    )  # fmt: skip
+    for method, why in result.failures.items():
+        stdout.print(f"failed: {method}: {why}")
+    for note in result.notes:
+        stdout.print(f"note: {note}")
+
+
+@handle_errors
+def load_bench(
+    model_dir: Annotated[
+        Path, typer.Argument(help="A converted sllm checkpoint, or a Hugging Face model directory (converted once).")
+    ],
+    hf_dir: Annotated[
+        Path | None,
+        typer.Option("--hf-dir", help="Hugging Face source for the baselines (default: MODEL_DIR when it is one)."),
+    ] = None,
+    work_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--work-dir",
+            help="Where the conversion and a pytorch_model.bin copy go; reused across runs "
+            "(default: .sllm-bench-NAME beside the Hugging Face directory).",
+        ),
+    ] = None,
+    runs: Annotated[int, typer.Option("--runs", min=1, help="Fresh processes per method; each times cold and warm.")] = 3,
+    threads: ThreadsOpt = None,
+    device: DeviceOpt = "cpu",
+    methods: Annotated[
+        str | None,
+        typer.Option(
+            "--methods",
+            help="Comma-separated subset: raw, sllm, sllm-unreserved, safetensors, torch-load, torch-load-mmap, "
+            "from-pretrained, or LOADER:LEVEL (e.g. sllm:model). Default: all.",
+        ),
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Also draw the model-ready times to this PNG (needs matplotlib).")
+    ] = None,
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Time sllm's loader against safetensors, torch.load and from_pretrained, cold and warm.
+
+    Methods: raw (an O_DIRECT read of the same bytes into touched memory: the floor),
+    sllm (load_model and load_state_dict, host memory pool reserved as a server does at
+    start), sllm-unreserved (the first load of a fresh process), safetensors (load_file),
+    torch-load and torch-load-mmap (weights_only=True), from-pretrained. Each runs in a
+    fresh process per run, with the architecture's module imported beforehand (untimed):
+    cold after evicting the model's files from the page cache (posix_fadvise DONTNEED),
+    then warm. A load counts as done when every page of every tensor is resident (or the
+    GPU is synchronised).
+
+    A Hugging Face MODEL_DIR is converted once into the work directory; when it has
+    safetensors only, a pytorch_model.bin copy is written there for the torch.load rows.
+    Prints median/min/max seconds, GB/s, the time relative to sllm, and whether the
+    loader's targets are met (cold within 1.15x of the raw read and 2.5x faster than
+    from_pretrained; warm 5x faster than from_pretrained). Progress goes to stderr; exits 1
+    when a method failed.
+    """
+    from sllm.core import bench
+
+    selected = tuple(bench.select_methods(methods.split(",") if methods else None))
+    if plot is not None:
+        bench.import_pyplot()  # fail before the long run, not after it
+    config = bench.BenchConfig(
+        model_dir=model_dir, hf_dir=hf_dir, work_dir=work_dir, runs=runs, threads=threads, device=device,
+        methods=selected,
+    )  # fmt: skip
+
+    def log(message: str) -> None:
+        if not quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    with byte_progress("converting", enabled=not (quiet or json_output)) as on_progress:
+        prepared = bench.prepare(config, log=log, on_progress=on_progress)
+    result = bench.run_bench(config, prepared, log=log)
+    if plot is not None:
+        bench.plot(result, plot)
+        log(f"plot written to {plot}")
+    if json_output:
+        emit_json(result)
+    else:
+        _render(result)
+    if result.failures:
+        raise typer.Exit(EXIT_FAILED)

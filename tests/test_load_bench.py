@@ -1,0 +1,105 @@
+"""``sllm load-bench`` on the tiny GPT-2: every method row, consistent bytes, ratios right.
+
+No assertion is about speed (benchmarks are programs, not tests). Workers run in-process
+here (``worker_main`` stands in for the subprocess) to keep the suite fast; one test runs
+a real worker subprocess for the cheapest method to cover that path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from sllm.cli import app
+from sllm.core import bench
+
+
+@pytest.fixture
+def in_process_workers(monkeypatch):
+    """Run workers in this process instead of a fresh interpreter each."""
+    monkeypatch.setattr(bench, "run_worker_process", bench.worker_main)
+
+
+def _run(args: list[str]):
+    result = CliRunner().invoke(app, ["load-bench", *args])
+    return result
+
+
+def test_json_has_every_method_with_consistent_figures(tiny_hf_gpt2, tmp_path, in_process_workers):
+    result = _run([str(tiny_hf_gpt2), "--work-dir", str(tmp_path / "work"), "--runs", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    rows = {(r["method"], r["temperature"]): r for r in doc["rows"]}
+    for m in bench.METHODS:
+        assert (m.name, "cold") in rows, m.name
+        assert ((m.name, "warm") in rows) == m.warm, m.name
+    assert doc["failures"] == {}
+    assert doc["nbytes"] > 0
+    sllm = {t: rows[("sllm:model", t)]["seconds_median"] for t in ("cold", "warm")}
+    sllm_sd = {t: rows[("sllm:state-dict", t)]["seconds_median"] for t in ("cold", "warm")}
+    for (name, temp), r in rows.items():
+        assert r["nbytes"] == doc["nbytes"]
+        assert len(r["seconds"]) == 1 and r["seconds"][0] > 0
+        assert r["seconds_min"] <= r["seconds_median"] <= r["seconds_max"]
+        assert math.isclose(r["gbps"], r["nbytes"] / r["seconds_median"] / 1e9)
+        ref = sllm_sd[temp] if r["level"] == "state-dict" else sllm[temp]
+        assert math.isclose(r["vs_sllm"], r["seconds_median"] / ref), name
+    for r in doc["rows"]:  # page-cache residency before cold loads (tmpfs cannot evict: not asserted ~0)
+        if r["temperature"] == "cold" and r["resident_before_max"] is not None:
+            assert 0.0 <= r["resident_before_max"] <= 1.0, r["method"]
+    targets = {t["name"]: t for t in doc["targets"]}
+    assert math.isclose(targets["cold_vs_raw"]["value"], sllm["cold"] / rows[("raw:bytes", "cold")]["seconds_median"])
+    fp = {t: rows[("from-pretrained:model", t)]["seconds_median"] for t in ("cold", "warm")}
+    assert math.isclose(targets["cold_speedup_vs_from_pretrained"]["value"], fp["cold"] / sllm["cold"])
+    assert math.isclose(targets["warm_speedup_vs_from_pretrained"]["value"], fp["warm"] / sllm["warm"])
+    for t in targets.values():
+        assert t["met"] == (t["value"] <= t["threshold"] if t["comparison"] == "<=" else t["value"] >= t["threshold"])
+    # the conversion and the .bin copy are reused on a second run
+    again = bench.prepare(bench.BenchConfig(tiny_hf_gpt2, work_dir=tmp_path / "work"))
+    assert any("reused" in n for n in again.notes)
+
+
+def test_table_and_plot(tiny_hf_gpt2, tmp_path, in_process_workers):
+    png = tmp_path / "bench.png"
+    result = _run([str(tiny_hf_gpt2), "--work-dir", str(tmp_path / "w"), "--runs", "1",
+                   "--methods", "raw,sllm:model,safetensors:model", "--plot", str(png), "-q"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "sllm" in result.stdout and "targets" in result.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_converted_dir_without_hf_source_skips_baselines(tiny_sllm_gpt2, in_process_workers):
+    result = _run([str(tiny_sllm_gpt2), "--runs", "1", "--json", "--methods", "sllm:model,from-pretrained"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert {r["method"] for r in doc["rows"]} == {"sllm:model"}
+    assert any("--hf-dir" in n for n in doc["notes"])
+
+
+def test_unknown_method_is_a_usage_error(tiny_sllm_gpt2):
+    result = _run([str(tiny_sllm_gpt2), "--methods", "sllm,nope"])
+    assert result.exit_code == 2
+    assert "nope" in result.stderr and "from-pretrained" in result.stderr
+
+
+def test_not_a_model_directory(tmp_path):
+    result = _run([str(tmp_path), "--runs", "1"])
+    assert result.exit_code == 2
+    assert str(tmp_path) in result.stderr
+
+
+def test_worker_subprocess_prints_one_json_document(tiny_sllm_gpt2):
+    config = bench.BenchConfig(tiny_sllm_gpt2, methods=tuple(bench.select_methods(["raw"])))
+    prepared = bench.prepare(config)
+    doc = bench.run_worker_process(bench._worker_spec(bench.METHODS[0], prepared, config))
+    assert doc["cold"]["seconds"] > 0 and doc["warm"]["seconds"] > 0
+
+
+def test_command_module_imports_no_torch():
+    code = "import sys, sllm.cli, sllm.commands.load_bench; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
