@@ -179,3 +179,45 @@ def test_tensors_outlive_their_model_and_buffer(tiny_sllm_gpt2):
     del model
     gc.collect()
     assert torch.equal(weight, expected)
+
+
+def test_released_skeleton_is_reused_for_another_checkpoint(models_dir):
+    """Release keeps the emptied module tree; a load of the same architecture reuses it,
+    and the reused model computes exactly what a freshly built one does."""
+    from sllm.core.loader import make_skeleton
+
+    ids = torch.tensor([[464, 2068, 7586, 21831]])
+    pool = HostMemoryPool(pinned=False)
+    a = load_model(models_dir / "gpt2-a", pool=pool)
+    with torch.no_grad():
+        logits_a = a(ids).logits.clone()
+    release(a)
+    b = load_model(models_dir / "gpt2-b", pool=pool)
+    assert b is a  # the skeleton came back
+    with torch.no_grad():
+        logits_b = b(ids).logits
+    assert not torch.equal(logits_a, logits_b)
+    sd = load_state_dict(models_dir / "gpt2-b", pool=HostMemoryPool(pinned=False))
+    fresh = make_skeleton(b.config, torch.float32)
+    fresh.load_state_dict(sd, strict=False, assign=True)
+    fresh.tie_weights()
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(ids).logits, logits_b)
+    release(b)
+
+
+def test_reused_llama_skeleton_keeps_rope_buffers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from sllm.core.convert import convert
+    from sllm.zoo import build_random_checkpoint
+
+    src = build_random_checkpoint("llama-tiny", tmp_path / "hf")
+    convert(src, tmp_path / "sllm")
+    ids = torch.tensor([[1, 5, 9, 200, 3000]])
+    expected = AutoModelForCausalLM.from_pretrained(src)(ids).logits
+    for _ in range(2):  # the second load reuses the released skeleton
+        model = load_model(tmp_path / "sllm")
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, expected)
+        release(model)

@@ -16,19 +16,22 @@ bytes only through ``sllm/io/``. It knows nothing of HTTP or caching policy.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
+import json
 import os
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from sllm.core.format import Checkpoint, TensorEntry, open_checkpoint
+from sllm.core.format import Checkpoint, Manifest, TensorEntry, open_checkpoint
 from sllm.core.pool import HostMemoryPool, default_pool
 from sllm.errors import CheckpointError, ChecksumMismatch, UsageError
 from sllm.io.hostmem import HostBuffer
@@ -84,14 +87,19 @@ class LoadedCheckpoint:
     report: LoadReport
     host_buffers: list[HostBuffer] = field(default_factory=list)
     pool: HostMemoryPool | None = None
+    on_release: Callable[[], None] | None = None
 
     def release(self) -> None:
-        """Give the host buffers back to the pool; the tensors must not be used afterwards."""
+        """Give the host buffers back to the pool (and run ``on_release``, e.g. give a cache
+        lease back); the tensors must not be used afterwards."""
         if self.pool is not None:
             for buf in self.host_buffers:
                 self.pool.release(buf)
         self.host_buffers = []
         self.state_dict = {}
+        hook, self.on_release = self.on_release, None
+        if hook is not None:
+            hook()
 
 
 class StateDict(dict):
@@ -305,8 +313,23 @@ def load_checkpoint(
         CheckpointError subclasses (the message names the file), ChecksumMismatch with
         ``verify``, UsageError for a bad device.
     """
+    return _load_opened(
+        open_checkpoint(path), device, threads=threads, direct_io=direct_io, verify=verify, pool=pool,
+        on_progress=on_progress,
+    )
+
+
+def _load_opened(
+    ckpt: Checkpoint,
+    device: DeviceSpec,
+    *,
+    threads: int | None,
+    direct_io: bool | None,
+    verify: bool,
+    pool: HostMemoryPool | None,
+    on_progress: ProgressCallback | None,
+) -> LoadedCheckpoint:
     started = time.perf_counter()
-    ckpt = open_checkpoint(path)
     devices = resolve_devices(device, len(ckpt.manifest.partitions))
     pool = pool or default_pool()
     total = ckpt.manifest.total_bytes
@@ -402,6 +425,30 @@ def _parameters_on_meta() -> Iterator[None]:
         torch.nn.Module.register_parameter = register
 
 
+def _model_config(path: str | os.PathLike[str], config: Mapping[str, Any] | Any | None) -> Any:
+    """A transformers config from ``path/config.json``, from the dict ``config``, or
+    ``config`` itself when it already is one.
+
+    Raises:
+        CheckpointError: unreadable, or an unknown ``model_type``.
+    """
+    from transformers import CONFIG_MAPPING, AutoConfig, PretrainedConfig
+
+    if isinstance(config, PretrainedConfig):
+        return config
+    if config is None:
+        try:
+            return AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{Path(path) / 'config.json'}: cannot build a model config ({exc})") from exc
+    model_type = config.get("model_type")
+    try:
+        return CONFIG_MAPPING[model_type].from_dict(dict(config))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: config.json: cannot build a model config (model_type {model_type!r}: "
+                              f"{exc})") from exc
+
+
 def _model_class(config: Any) -> Any:
     import transformers
 
@@ -412,38 +459,155 @@ def _model_class(config: Any) -> Any:
     return transformers.AutoModelForCausalLM
 
 
-def build_model(path: str | os.PathLike[str], state_dict: Mapping[str, torch.Tensor], device: torch.device) -> Any:
-    """The transformers model of ``path/config.json`` with ``state_dict``'s tensors as weights.
+class _SkeletonCache:
+    """Released model skeletons (parameters on meta, buffers intact) by architecture key.
 
-    The skeleton is built with parameters on the meta device and without weight
-    initialisation, then the tensors are assigned (``load_state_dict(assign=True)``, no
-    copy) and tied weights are tied. Buffers the checkpoint does not hold are moved to
-    ``device``.
-
-    Raises:
-        CheckpointError: config.json unreadable, a tensor the model does not have, or a
-        model parameter the checkpoint lacks (other than a tied one).
+    :func:`release` puts a model's skeleton here; the next load of the same config, dtype
+    and device takes it instead of building the module tree again, which is most of a
+    warm load's remaining cost. Holds at most ``limit`` skeletons (they weigh only their
+    buffers). Thread-safe.
     """
-    from transformers import AutoConfig
+
+    def __init__(self, limit: int = 4) -> None:
+        self.limit = limit
+        self._items: list[tuple[tuple, Any]] = []
+        self._lock = threading.Lock()
+
+    def take(self, key: tuple) -> Any | None:
+        with self._lock:
+            for i, (k, model) in enumerate(self._items):
+                if k == key:
+                    del self._items[i]
+                    return model
+        return None
+
+    def put(self, key: tuple, model: Any) -> None:
+        with self._lock:
+            self._items.append((key, model))
+            del self._items[: -self.limit]
+
+
+_skeletons = _SkeletonCache()
+#: One thread that builds model skeletons while the loading thread waits on reads.
+_builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sllm-skeleton")
+
+
+def _dominant_dtype(dtypes: list[torch.dtype]) -> torch.dtype:
+    floating = [d for d in dtypes if d.is_floating_point]
+    return max(set(floating), key=floating.count) if floating else torch.get_default_dtype()
+
+
+def _skeleton_key(config: Any, dtype: torch.dtype, device: torch.device) -> tuple:
+    """What makes two skeletons interchangeable: class, dtype, device and the config's
+    fields (less where it was read from)."""
+    fields = config.to_dict()
+    fields.pop("_name_or_path", None)
+    return (_model_class(config).__name__, str(dtype), str(device), json.dumps(fields, sort_keys=True, default=str))
+
+
+def make_skeleton(config: Any, dtype: torch.dtype) -> Any:
+    """The model of ``config`` with every parameter on the meta device, no weight
+    initialisation, buffers computed as usual (on the CPU). Takes ~0.04 s for 1.3B
+    parameters once transformers has imported the architecture."""
     from transformers.initialization import no_init_weights
 
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{Path(path) / 'config.json'}: cannot build a model config ({exc})") from exc
     cls = _model_class(config)
-    floating = [t.dtype for t in state_dict.values() if t.is_floating_point()]
-    dtype = max(set(floating), key=floating.count) if floating else torch.get_default_dtype()
     with _parameters_on_meta(), no_init_weights():
-        model = cls._from_config(config, dtype=dtype) if hasattr(cls, "_from_config") else cls.from_config(
-            config, dtype=dtype
-        )
-    result = model.load_state_dict(dict(state_dict), strict=False, assign=True)
-    if result.unexpected_keys:
-        raise CheckpointError(
-            f"{path}: tensor {result.unexpected_keys[0]!r} is not a weight of {cls.__name__} "
-            f"({len(result.unexpected_keys)} unexpected)"
-        )
+        if hasattr(cls, "_from_config"):
+            return cls._from_config(config, dtype=dtype)
+        return cls.from_config(config, dtype=dtype)
+
+
+def _weight_slots(model: Any) -> dict[str, tuple[torch.nn.Module, str, bool]]:
+    """state-dict name -> (module, attribute, is_parameter), cached on the model."""
+    slots = model.__dict__.get("_sllm_slots")
+    if slots is None:
+        slots = {}
+        for prefix, module in model.named_modules(remove_duplicate=False):
+            dotted = f"{prefix}." if prefix else ""
+            for name in module._parameters:
+                slots[dotted + name] = (module, name, True)
+            for name in module._buffers:
+                if name not in module._non_persistent_buffers_set:
+                    slots[dotted + name] = (module, name, False)
+        model.__dict__["_sllm_slots"] = slots
+    return slots
+
+
+def _assign(model: Any, state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike[str]) -> None:
+    """Make each tensor the model's weight of that name, without a copy.
+
+    Raises:
+        CheckpointError: a name the model does not have, or a shape it does not expect.
+    """
+    slots = _weight_slots(model)
+    for name, tensor in state_dict.items():
+        slot = slots.get(name)
+        if slot is None:
+            raise CheckpointError(f"{path}: tensor {name!r} is not a weight of {type(model).__name__}")
+        module, attr, is_param = slot
+        old = module._parameters[attr] if is_param else module._buffers[attr]
+        if old is not None and old.shape != tensor.shape:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has shape {list(tensor.shape)}, {type(model).__name__} expects {list(old.shape)}"
+            )
+        if is_param:
+            grad = old.requires_grad if old is not None else False
+            module._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=grad and tensor.is_floating_point())
+        else:
+            module._buffers[attr] = tensor
+
+
+def _detach_weights(model: Any) -> None:
+    """Put every weight (parameters, and buffers the checkpoint supplied) on the meta
+    device, keeping computed buffers (RoPE frequencies, masks), so the model no longer
+    references the loaded bytes and can serve as a skeleton again."""
+    for module, attr, is_param in _weight_slots(model).values():
+        if is_param:
+            p = module._parameters[attr]
+            if p is not None and p.device.type != "meta":
+                module._parameters[attr] = torch.nn.Parameter(
+                    torch.empty_like(p, device="meta"), requires_grad=p.requires_grad
+                )
+        else:
+            b = module._buffers[attr]
+            if b is not None and b.device.type != "meta":
+                module._buffers[attr] = torch.empty_like(b, device="meta")
+
+
+def build_model(
+    path: str | os.PathLike[str],
+    state_dict: Mapping[str, torch.Tensor],
+    device: torch.device,
+    *,
+    config: Mapping[str, Any] | Any | None = None,
+    skeleton: Any | None = None,
+) -> Any:
+    """The transformers model of ``path/config.json`` with ``state_dict``'s tensors as weights.
+
+    The skeleton (``skeleton``, else one a :func:`release` left for this config, dtype and
+    device, else :func:`make_skeleton`) gets the tensors assigned as its parameters (no
+    copy), tied weights are tied, and buffers the checkpoint does not hold are moved to
+    ``device``.
+
+    Args:
+        path: the checkpoint directory (its ``config.json``), or with ``config`` only a
+            name for messages.
+        config: the parsed ``config.json`` (a dict or a transformers config); when given,
+            nothing is read from ``path``.
+        skeleton: a model from :func:`make_skeleton` for this config and dtype.
+
+    Raises:
+        CheckpointError: config.json unreadable, a tensor the model does not have or of
+        another shape, or a model parameter the checkpoint lacks (other than a tied one).
+    """
+    config = _model_config(path, config)
+    dtype = _dominant_dtype([t.dtype for t in state_dict.values()])
+    key = _skeleton_key(config, dtype, device)
+    model = skeleton if skeleton is not None else _skeletons.take(key)
+    if model is None:
+        model = make_skeleton(config, dtype)
+    _assign(model, state_dict, path)
     model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
@@ -451,6 +615,7 @@ def build_model(path: str | os.PathLike[str], state_dict: Mapping[str, torch.Ten
     if device.type != "cpu":
         model.to(device)
     model.eval()
+    model.__dict__["_sllm_skeleton_key"] = key
     return model
 
 
@@ -473,15 +638,30 @@ def load_model(
     pass would need a dispatcher): load such checkpoints with :func:`load_state_dict`.
     """
     started = time.perf_counter()
-    loaded = load_checkpoint(
-        path, device, threads=threads, direct_io=direct_io, verify=verify, pool=pool, on_progress=on_progress
-    )
+    ckpt = open_checkpoint(path)
+    devices = set(resolve_devices(device, len(ckpt.manifest.partitions)))
+    if len(devices) > 1:
+        raise UsageError(f"{path}: load_model needs one device, the device map gives {len(devices)}")
+    target = devices.pop()
+    config = _model_config(path, None)
+    dtype = _dominant_dtype([getattr(torch, e.dtype) for e in ckpt.tensors.values()])
+    skeleton = _skeletons.take(_skeleton_key(config, dtype, target))
+    building: Future[Any] | None = None
+    if skeleton is None:  # build the module tree while the reader threads wait on storage
+        building = _builder.submit(make_skeleton, copy.deepcopy(config), dtype)
     try:
-        devices = {t.device for t in loaded.state_dict.values()}
-        if len(devices) > 1:
-            raise UsageError(f"{path}: load_model needs one device, the device map gives {len(devices)}")
+        loaded = _load_opened(
+            ckpt, device, threads=threads, direct_io=direct_io, verify=verify, pool=pool, on_progress=on_progress
+        )
+    except BaseException:
+        if building is not None:
+            building.cancel()
+        raise
+    try:
         build_started = time.perf_counter()
-        model = build_model(path, loaded.state_dict, next(iter(devices)))
+        if building is not None:
+            skeleton = building.result()
+        model = build_model(path, loaded.state_dict, target, config=config, skeleton=skeleton)
     except BaseException:
         loaded.release()
         raise
@@ -495,6 +675,92 @@ def load_model(
     model.sllm_report = loaded.report
     loaded.state_dict = {}
     _track(model, loaded)
+    return model
+
+
+class HostPartitions(Protocol):
+    """What :func:`load_model_from_host` needs: a holder of one host buffer per partition
+    (e.g. :class:`sllm.core.cache.DramLease`), valid until :meth:`release`.
+
+    Attributes:
+        model: a name for messages and reports.
+        manifest: the validated manifest (partition sizes).
+        tensors: the validated tensor index (offsets into the partition buffers).
+        pinned_memory: True when the buffers are page-locked (asynchronous H2D copies).
+    """
+
+    model: str
+    manifest: Manifest
+    tensors: dict[str, TensorEntry]
+
+    @property
+    def pinned_memory(self) -> bool: ...
+
+    def partition_tensors(self) -> list[torch.Tensor]:
+        """One 1-D ``torch.uint8`` tensor per partition, exactly its size."""
+
+    def config(self) -> dict[str, Any]:
+        """The checkpoint's ``config.json``."""
+
+    def release(self) -> None:
+        """Give the buffers back (idempotent)."""
+
+
+def load_model_from_host(held: HostPartitions, device: str | torch.device = "cpu") -> Any:
+    """A ready ``transformers`` model whose weights come from buffers already in host memory.
+
+    Nothing is read from storage. On the CPU the weights are views of ``held``'s buffers
+    (zero-copy): ``held`` stays held for the model's lifetime and :func:`release` of the
+    model releases it. On a CUDA device each partition is copied to one device buffer
+    (asynchronously when the memory is pinned), the copies are synchronised, and ``held``
+    is released before this returns. On failure ``held`` is released.
+
+    ``model.sllm_report`` is a :class:`LoadReport` with ``read_seconds`` the host-to-device
+    copy time (0 on the CPU), ``pool_hit`` True, and ``path`` ``"host:<model>"``.
+
+    Raises:
+        CheckpointError: as :func:`build_model`. UsageError: a bad device, or CUDA without CUDA.
+    """
+    started = time.perf_counter()
+    dev = resolve_devices(device, 1)[0]
+    name = f"host:{held.model}"
+    try:
+        host = held.partition_tensors()
+        copy_started = time.perf_counter()
+        if dev.type == "cuda":
+            buffers = [torch.empty(h.numel(), dtype=torch.uint8, device=dev) for h in host]
+            stream = torch.cuda.Stream(device=dev)
+            with torch.cuda.stream(stream):
+                for d, h in zip(buffers, host, strict=True):
+                    d.copy_(h, non_blocking=held.pinned_memory)
+            stream.synchronize()
+            del host
+        else:
+            buffers = host
+        read_done = time.perf_counter()
+        state_dict = tensor_views(buffers, held.tensors)
+        model = build_model(name, state_dict, dev, config=held.config())
+    except BaseException:
+        held.release()
+        raise
+    now = time.perf_counter()
+    nbytes = sum(b.numel() for b in buffers)
+    copy_seconds = read_done - copy_started if dev.type == "cuda" else 0.0
+    report = LoadReport(
+        path=name, nbytes=nbytes, partitions=len(buffers), read_seconds=copy_seconds,
+        build_seconds=now - read_done, total_seconds=now - started,
+        gbps=nbytes / copy_seconds / 1e9 if copy_seconds > 0 else 0.0,
+        direct_io=False, pool_hit=True, device=str(dev),
+    )
+    model.sllm_report = report
+    if dev.type == "cuda":
+        held.release()
+        hook = None
+    else:
+        hook = held.release
+    # The holder's metadata passed format.py's checks when its buffers were filled.
+    ckpt = Checkpoint(Path(name), held.manifest, dict(held.tensors))
+    _track(model, LoadedCheckpoint(ckpt, {}, report, on_release=hook))
     return model
 
 
@@ -515,16 +781,21 @@ def release(obj: Any) -> None:
     """Return the host buffers of a model or state dict loaded here to the memory pool.
 
     After this the object's tensors may be overwritten by the next load: drop every
-    reference to them. The model's parameters are moved to the meta device so that
-    accidental use fails loudly instead of reading another model's bytes. A second call,
-    or an object sllm did not load, is a no-op.
+    reference to them. A model's weights are moved to the meta device (so accidental use
+    fails loudly instead of reading another model's bytes) and the emptied model is kept
+    as a skeleton that the next load of the same architecture reuses: do not use the
+    model object after releasing it. A second call, or an object sllm did not load, is a
+    no-op.
     """
     with _loads_lock:
         loaded = _loads.pop(id(obj), None)
     if loaded is None:
         return
     if isinstance(obj, torch.nn.Module):
-        obj.to("meta")
+        _detach_weights(obj)
+        key = obj.__dict__.get("_sllm_skeleton_key")
+        if key is not None:
+            _skeletons.put(key, obj)
     elif isinstance(obj, dict):
         obj.clear()
     loaded.release()
