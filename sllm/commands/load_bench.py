@@ -116,6 +116,29 @@ def load_bench(
     plot: Annotated[
         Path | None, typer.Option("--plot", help="Also draw the model-ready times to this PNG (needs matplotlib).")
     ] = None,
+    tiers: Annotated[
+        bool,
+        typer.Option(
+            "--tiers",
+            help="Instead: measure this node's storage tiers (SSD, DRAM to device, remote), load the model "
+            "from each, and write the node profile (TOML) that the cluster inventory uses.",
+        ),
+    ] = False,
+    remote: Annotated[
+        str | None,
+        typer.Option("--remote", envvar="SLLM_REMOTE", help="With --tiers: a remote (dir, http(s)://, s3://) "
+                     "holding the same converted model, to measure the remote tier."),
+    ] = None,
+    remote_model: Annotated[
+        str | None,
+        typer.Option("--remote-model", help="With --remote: the model's name there (default: its directory name)."),
+    ] = None,
+    profile_path: Annotated[
+        Path, typer.Option("--profile", help="With --tiers: where the node profile TOML is written.")
+    ] = Path("node-profile.toml"),
+    address: Annotated[
+        str, typer.Option("--address", help="With --tiers: this node's sllm serve URL, recorded in the profile.")
+    ] = "http://127.0.0.1:8343",
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -136,9 +159,17 @@ def load_bench(
     loader's targets are met (cold within 1.15x of the raw read and 2.5x faster than
     from_pretrained; warm 5x faster than from_pretrained). Progress goes to stderr; exits 1
     when a method failed.
+
+    With --tiers it profiles the node instead: cold SSD bandwidth (O_DIRECT, best thread
+    count), DRAM-to-device bandwidth, the remote's (with --remote), the loader's fixed cost
+    per load, and the same model loaded from each tier; the profile goes to --profile.
     """
     from sllm.core import bench
 
+    if tiers:
+        _tiers(model_dir, hf_dir, work_dir, device, remote, remote_model, profile_path, address, runs,
+               json_output, quiet)
+        return
     selected = tuple(bench.select_methods(methods.split(",") if methods else None))
     if plot is not None:
         bench.import_pyplot()  # fail before the long run, not after it
@@ -163,3 +194,27 @@ def load_bench(
         _render(result)
     if result.failures:
         raise typer.Exit(EXIT_FAILED)
+
+
+def _tiers(model_dir: Path, hf_dir: Path | None, work_dir: Path | None, device: str, remote: str | None,
+           remote_model: str | None, profile_path: Path, address: str, runs: int, json_output: bool,
+           quiet: bool) -> None:
+    """``load-bench --tiers``: profile the node, print the tiers and loads, write the profile."""
+    from sllm.core import bench, profile
+
+    config = bench.BenchConfig(model_dir=model_dir, hf_dir=hf_dir, work_dir=work_dir, runs=runs, threads=None,
+                               device=device, methods=tuple(bench.select_methods(["sllm"])))
+    with byte_progress("converting", enabled=not (quiet or json_output)) as on_progress:
+        prepared = bench.prepare(config, on_progress=on_progress)
+    node, loads = profile.profile_node(prepared.sllm_dir, device=device, remote_url=remote, remote_model=remote_model,
+                                       runs=runs, address=address)
+    profile.write_profile(node, profile_path)
+    if json_output:
+        emit_json({"profile_path": str(profile_path), "profile": node, "loads": loads})
+        return
+    table(f"storage tiers of {node.name}", ["tier", "GB/s", "seconds", "bytes", "threads", "how", "where"],
+          [[b.tier, b.gbps, b.seconds, b.nbytes, b.threads, b.detail, b.location] for b in node.tiers.values()])
+    table(f"{prepared.sllm_dir.name}: model ready from each tier ({device})", ["tier", "seconds", "GB/s", "how"],
+          [[t.tier, t.seconds, t.gbps, t.detail] for t in loads])
+    print(f"loader fixed cost per load: {node.loader_fixed_seconds:.3f} s; profile written to {profile_path}",
+          file=sys.stderr)

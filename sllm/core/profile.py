@@ -214,9 +214,11 @@ def measure_remote(fetch: Callable[[], int], location: str, runs: int = 1) -> Ti
 
 
 def measure_loader_fixed_seconds(model_dir: str | os.PathLike[str], runs: int = 3) -> float:
-    """Median seconds to build ``model_dir``'s skeleton and assign weights, with the bytes
-    already in the pool (a DRAM hit), after one untimed load that pays transformers'
-    lazy import of the architecture."""
+    """Median seconds a load spends past its reads (skeleton + weight assignment + ties),
+    with the bytes already in the pool (a DRAM hit) and the released skeleton reused, as
+    on a serving node; after one untimed load that pays transformers' lazy import of the
+    architecture. (A first load of an architecture builds its skeleton while its reads
+    are in flight, so that cost hides behind the reads.)"""
     from sllm.core.loader import load_model, release
 
     release(load_model(model_dir))
@@ -264,3 +266,121 @@ def read_profile(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     with open(path, "rb") as f:
         return tomllib.load(f)
+
+
+@dataclass(frozen=True)
+class TierLoad:
+    """One model-ready load of the same checkpoint from one tier.
+
+    Attributes:
+        tier: "remote" (pulled through remote -> SSD -> DRAM, pipelined), "ssd" (page
+            cache evicted, pool reserved) or "dram" (bytes already in the host pool).
+        seconds: wall time to a ready model.
+        nbytes: checkpoint bytes.
+        gbps: ``nbytes / seconds / 1e9``.
+        detail: what that tier's load did.
+    """
+
+    tier: str
+    seconds: float
+    nbytes: int
+    gbps: float
+    detail: str
+
+
+def _timed_load(model_dir: Path, device: str, pool: Any) -> float:
+    from sllm.core.loader import load_model, release
+
+    started = time.perf_counter()
+    model = load_model(model_dir, device, pool=pool)
+    seconds = time.perf_counter() - started
+    release(model)
+    return seconds
+
+
+def _remote_load(remote_url: str, model: str, device: str, nbytes: int, work_dir: Path) -> tuple[float, float]:
+    """Pull ``model`` from ``remote_url`` into an empty cache (SSD + DRAM, pipelined) and
+    build it from the DRAM entry. Returns (pull seconds, model-ready seconds)."""
+    import shutil
+
+    from sllm.core.cache import CacheConfig, TierCache
+    from sllm.core.loader import load_model_from_host, release
+    from sllm.core.pool import HostMemoryPool
+    from sllm.io.remote import RemoteConfig
+
+    cache_dir = temporary_sibling(work_dir / "tier-probe-cache")
+    config = CacheConfig(
+        cache_dir=cache_dir, dram_capacity_bytes=2 * nbytes + (64 << 20), remote_url=remote_url,
+        remote=RemoteConfig.from_env(os.environ),
+    )
+    cache = TierCache(config, pool=HostMemoryPool(2 * nbytes + (64 << 20)))
+    try:
+        started = time.perf_counter()
+        lease = cache.acquire(model)
+        pulled = time.perf_counter()
+        loaded = load_model_from_host(lease, device)
+        ready = time.perf_counter()
+        release(loaded)
+    finally:
+        cache.close()
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    return pulled - started, ready - started
+
+
+def profile_node(
+    model_dir: str | os.PathLike[str],
+    *,
+    device: str = "cpu",
+    remote_url: str | None = None,
+    remote_model: str | None = None,
+    ssd_dir: str | os.PathLike[str] | None = None,
+    probe_bytes: int | None = None,
+    runs: int = 3,
+    address: str = "http://127.0.0.1:8343",
+) -> tuple[NodeProfile, list[TierLoad]]:
+    """Measure this node's tiers and load ``model_dir`` from each, side by side.
+
+    Args:
+        model_dir: a converted checkpoint on the SSD tier's filesystem.
+        device: where loads go ("cpu", "cuda:N").
+        remote_url: a remote holding the same checkpoint as ``<remote_model>/`` (optional).
+        remote_model: its name there (default: ``model_dir``'s directory name).
+        ssd_dir: where to probe the SSD tier (default: ``model_dir``'s parent).
+        probe_bytes: bytes of the bandwidth probes (default: the checkpoint size, at most 1 GiB).
+        runs: repetitions per bandwidth probe.
+
+    Returns: the node profile and one :class:`TierLoad` per tier measured.
+
+    Raises:
+        CheckpointError: ``model_dir`` is not a valid checkpoint. RemoteError, CacheError:
+        the remote pull failed.
+    """
+    from sllm.core.format import open_checkpoint
+    from sllm.core.pool import HostMemoryPool
+
+    model_dir = Path(model_dir)
+    ckpt = open_checkpoint(model_dir)
+    nbytes = ckpt.manifest.total_bytes
+    probe = probe_bytes or min(nbytes, 1 << 30)
+    tiers = {
+        "ssd": measure_ssd(ssd_dir or model_dir.parent, probe, runs=runs),
+        "dram": measure_dram_to_device(probe, device=device, runs=runs),
+    }
+    fixed = measure_loader_fixed_seconds(model_dir)
+    loads: list[TierLoad] = []
+    if remote_url:
+        pull_seconds, ready = _remote_load(remote_url, remote_model or model_dir.name, device, nbytes, model_dir.parent)
+        tiers["remote"] = TierBandwidth(
+            "remote", nbytes / pull_seconds / 1e9, nbytes, pull_seconds, 0,
+            "pull into SSD and DRAM, pipelined by chunk", remote_url,
+        )
+        loads.append(TierLoad("remote", ready, nbytes, nbytes / ready / 1e9, "remote -> SSD + DRAM, then build"))
+    pool = HostMemoryPool()
+    pool.reserve([p.nbytes for p in ckpt.manifest.partitions])  # as a server does at start
+    for part in range(len(ckpt.manifest.partitions)):
+        evict_page_cache(ckpt.partition_path(part))
+    ssd_seconds = _timed_load(model_dir, device, pool)
+    loads.append(TierLoad("ssd", ssd_seconds, nbytes, nbytes / ssd_seconds / 1e9, "page cache evicted, O_DIRECT"))
+    dram_seconds = _timed_load(model_dir, device, pool)
+    loads.append(TierLoad("dram", dram_seconds, nbytes, nbytes / dram_seconds / 1e9, "bytes still in the host pool"))
+    return build_profile(tiers, loader_fixed_seconds=fixed, address=address), loads

@@ -1,0 +1,57 @@
+"""Tier profiling: `sllm load-bench --tiers` measures each tier and writes the node profile."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+
+from sllm.core.profile import TierBandwidth, build_profile, measure_ssd, read_profile, write_profile
+
+
+def test_load_bench_tiers_writes_profile(tiny_sllm_gpt2, tmp_path):
+    remote = tmp_path / "remote"
+    shutil.copytree(tiny_sllm_gpt2, remote / "tiny")
+    local = tmp_path / "ssd" / "tiny"
+    shutil.copytree(tiny_sllm_gpt2, local)
+    profile_path = tmp_path / "node.toml"
+    env = {**os.environ, "COLUMNS": "200"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "sllm", "load-bench", str(local), "--tiers", "--remote", str(remote),
+         "--remote-model", "tiny", "--runs", "1", "--profile", str(profile_path), "--json", "--quiet"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    nbytes = (local / "partition-0.bin").stat().st_size
+    assert [load["tier"] for load in out["loads"]] == ["remote", "ssd", "dram"]
+    assert all(load["seconds"] > 0 and load["nbytes"] == nbytes for load in out["loads"])
+    node = tomllib.loads(profile_path.read_text())["node"]
+    assert set(node["tiers"]) == {"ssd", "dram", "remote"}
+    assert all(t["gbps"] > 0 and t["seconds"] > 0 for t in node["tiers"].values())
+    assert node["tiers"]["remote"]["nbytes"] == nbytes
+    assert node["host"]["cpus"] == os.cpu_count()
+    assert node["loader"]["fixed_seconds"] >= 0
+    assert not list(tmp_path.glob("ssd/.sllm-tmp-*"))  # the probe cache and probe file are gone
+
+
+def test_measure_ssd_picks_the_best_thread_count(tmp_path):
+    bw = measure_ssd(tmp_path, 1 << 20, threads_options=(1, 2), runs=1)
+    assert bw.threads in (1, 2) and bw.nbytes == 1 << 20 and bw.gbps == bw.nbytes / bw.seconds / 1e9
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_profile_round_trips_through_toml(tmp_path):
+    tiers = {"ssd": TierBandwidth("ssd", 2.5, 1 << 30, 0.43, 4, "O_DIRECT", "/data")}
+    profile = build_profile(tiers, loader_fixed_seconds=0.03, name="node-a", capacities={"ssd": 10**12})
+    write_profile(profile, tmp_path / "p.toml")
+    node = read_profile(tmp_path / "p.toml")["node"]
+    assert node["name"] == "node-a"
+    assert node["tiers"]["ssd"] == {
+        "gbps": 2.5, "nbytes": 1 << 30, "seconds": 0.43, "threads": 4, "detail": "O_DIRECT", "location": "/data",
+        "capacity_bytes": 10**12,
+    }
+    assert node["loader"]["fixed_seconds"] == 0.03
