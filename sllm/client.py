@@ -1,7 +1,8 @@
 """A small httpx client for one sllm node's HTTP API (``sllm serve``).
 
-Covers what sllm's own tools need: health, models, status, and completions (whole or
-streamed as :class:`Chunk` objects, with the cold-start cost the server reports). Any
+Covers what sllm's own tools need: health, models, status, completions (whole or streamed
+as :class:`Chunk` objects, with the cold-start cost the server reports), and the node's
+cache tiers (``/v1/cache``: list, pin, unpin, evict, pull; ``sllm cache --server``). Any
 OpenAI client works against the same routes; this one adds sllm's extras
 (``x-sllm-load-seconds``, ``/status``) and sllm's errors. httpx errors and HTTP error
 answers become :class:`~sllm.errors.ServerError` here, chained with ``from``.
@@ -12,6 +13,7 @@ It does not start servers, retry, or know about models.
 from __future__ import annotations
 
 import json
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -78,6 +80,45 @@ class NodeClient:
     def status(self) -> dict[str, Any]:
         """``/status``. Raises: ServerError."""
         return self._request("GET", "/status").json()
+
+    # -- the cache tiers (sllm/server/cache_api.py) ---------------------------------------
+
+    def cache_ls(self) -> dict[str, Any]:
+        """``GET /v1/cache``: ``{"cache_dir", "remote", "models": [row...], "tiers": [stats...]}``,
+        rows per model and tier ("device", "dram", "ssd"). Raises: ServerError."""
+        return self._request("GET", "/v1/cache").json()
+
+    def cache_pin(self, model: str, tier: str | None = None) -> dict[str, Any]:
+        """Pin ``model`` in ``tier`` (None: every tier holding it): ``{"model", "tiers", "pinned"}``.
+
+        Raises: ServerError (HTTP 404: not in the tier)."""
+        return self._cache_post(model, "pin", tier)
+
+    def cache_unpin(self, model: str, tier: str | None = None) -> dict[str, Any]:
+        """Undo :meth:`cache_pin`. Raises: ServerError."""
+        return self._cache_post(model, "unpin", tier)
+
+    def cache_evict(self, model: str, tier: str | None = None) -> dict[str, Any]:
+        """Evict ``model`` from ``tier`` (None: every tier holding it, device first):
+        ``{"model", "tiers", "freed_bytes"}``.
+
+        Raises:
+            ServerError: HTTP 409 when a tier refuses (pinned, in use, requests in flight),
+            404 when no such tier holds it.
+        """
+        return self._cache_post(model, "evict", tier)
+
+    def cache_pull(self, model: str, tier: str | None = None) -> dict[str, Any]:
+        """Pull ``model`` into the node's ``tier`` ("dram" or "ssd"; None: DRAM when the node
+        has that tier): the node's PullResult as a dict (model, source, nbytes,
+        fetched_bytes, seconds, gbps, tiers, evicted, path).
+
+        Raises: ServerError (HTTP 503 when the pull failed: the message says why)."""
+        return self._cache_post(model, "pull", tier)
+
+    def _cache_post(self, model: str, action: str, tier: str | None) -> dict[str, Any]:
+        path = f"/v1/cache/{urllib.parse.quote(model, safe='/')}/{action}"
+        return self._request("POST", path, params={"tier": tier} if tier else None).json()
 
     def complete(self, model: str, prompt: str | list[int], **params: Any) -> dict[str, Any]:
         """A whole completion: the OpenAI response body plus ``load_seconds``.

@@ -1,4 +1,4 @@
-"""The tier cache (sllm/core/cache.py): pulls through a directory, HTTP and S3 remote into the
+"""The tier cache (sllm/core/cache/): pulls through a directory, HTTP and S3 remote into the
 SSD and DRAM tiers (bit-exact loads), the chunk pipeline, LRU eviction, pins, leases, crash
 leftovers, and bad remote input. Real servers on loopback; tiny models."""
 

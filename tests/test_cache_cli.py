@@ -26,7 +26,8 @@ from test_remote import (
 from typer.testing import CliRunner
 
 from sllm.cli import app
-from sllm.commands.cache import human_bytes, parse_bytes
+from sllm.commands._options import parse_bytes
+from sllm.commands.cache import human_bytes
 from sllm.core.cache import CacheConfig, TierCache
 from sllm.errors import UsageError
 from sllm.io.atomic import TMP_PREFIX
@@ -110,8 +111,10 @@ def test_verify_failure_exits_2_with_the_chunk(remote_root, tmp_path):
     ("args", "message"),
     [
         (["pull", "a", "--ssd-capacity", "10XB"], "--ssd-capacity '10XB': not a size"),
-        (["evict", "a", "--tier", "dram"], "--tier dram: the DRAM tier lives in a running `sllm serve`"),
-        (["pin", "a", "--tier", "gpu"], "--tier 'gpu': choose ssd or dram"),
+        (["evict", "a", "--tier", "dram"], "--tier dram: the DRAM tier lives in a running `sllm serve`; pass its "
+         "address with --server URL"),
+        (["pin", "a", "--tier", "device"], "--tier device: the device tier lives in a running `sllm serve`"),
+        (["pin", "a", "--tier", "gpu"], "--tier 'gpu': choose device, dram, ssd"),
         (["pull", "../etc"], "model name '../etc'"),
         (["pull", "a"], "no remote is configured"),
         (["evict", "nope"], "nope: not cached in the ssd tier"),
@@ -125,10 +128,11 @@ def test_usage_errors(args, message, tmp_path):
 
 
 def test_parse_and_show_bytes():
-    assert parse_bytes("10GB") == 10**10 and parse_bytes("64GiB") == 64 * 2**30 and parse_bytes("1000") == 1000
-    assert parse_bytes("1.5 MiB") == 1572864 and parse_bytes("2k") == 2000
-    with pytest.raises(UsageError):
-        parse_bytes("-1GB")
+    assert parse_bytes("10GB", "--ssd-capacity") == 10**10 and parse_bytes("64GiB", "--ssd-capacity") == 64 * 2**30
+    assert parse_bytes("1000", "--ssd-capacity") == 1000
+    assert parse_bytes("1.5 MiB", "--ssd-capacity") == 1572864 and parse_bytes("2k", "--ssd-capacity") == 2000
+    with pytest.raises(UsageError, match="--ssd-capacity '-1GB': not a size"):
+        parse_bytes("-1GB", "--ssd-capacity")
     assert human_bytes(16_002_596) == "16.0 MB" and human_bytes(None) == "unlimited" and human_bytes(12) == "12 B"
 
 

@@ -28,6 +28,11 @@ SERVER_START_SECONDS = 60  # a hang guard, not a performance bound
 class Node:
     url: str
     app: object
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def call(self, coro, seconds: float = 120):
+        """Run ``coro`` on the server's event loop (where the model manager lives); its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(seconds)
 
     def client(self, key: str = "none", **kw) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=120, **kw)
@@ -40,22 +45,30 @@ class Node:
 
 
 @contextlib.contextmanager
-def running(models_dir: Path, **config) -> Iterator[Node]:
-    """A real server for ``models_dir`` on a free loopback port, in a background thread."""
+def running(models_dir: Path | None, *, clock=None, **config) -> Iterator[Node]:
+    """A real server for ``models_dir`` (None: its tier cache only, ``cache=CacheConfig(...)``)
+    on a free loopback port, in a background thread; ``clock`` is the manager's clock."""
     import uvicorn
 
-    app = create_app(ServeConfig(models_dir=Path(models_dir), **config))
+    config = ServeConfig(models_dir=Path(models_dir) if models_dir is not None else None, **config)
+    app = create_app(config, **({"clock": clock} if clock is not None else {}))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    async def serve() -> None:
+        loops.append(asyncio.get_running_loop())
+        await server.serve(sockets=[sock])
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
     thread.start()
     deadline = time.monotonic() + SERVER_START_SECONDS
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
         time.sleep(0.02)
     try:
-        yield Node(f"http://127.0.0.1:{sock.getsockname()[1]}", app)
+        yield Node(f"http://127.0.0.1:{sock.getsockname()[1]}", app, loops[0])
     finally:
         server.should_exit = True
         thread.join(60)

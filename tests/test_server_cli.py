@@ -15,17 +15,18 @@ import pytest
 from typer.testing import CliRunner
 
 from sllm.cli import app
-from sllm.commands.serve import parse_bytes
+from sllm.commands._options import parse_bytes
 from sllm.errors import UsageError
 
 
 def test_parse_bytes():
-    assert parse_bytes("1500") == 1500
-    assert parse_bytes("1.5GB") == parse_bytes("1.5g") == 1_500_000_000
-    assert parse_bytes("8GiB") == 8 * 2**30 and parse_bytes("512 MiB") == 512 * 2**20
+    assert parse_bytes("1500", "--max-memory") == 1500
+    assert parse_bytes("1.5GB", "--max-memory") == parse_bytes("1.5g", "--max-memory") == 1_500_000_000
+    assert parse_bytes("8GiB", "--max-memory") == 8 * 2**30 and parse_bytes("512 MiB", "--max-memory") == 512 * 2**20
     for bad in ("lots", "-1", "0", "1.5 parsecs", ""):
         with pytest.raises(UsageError, match="--max-memory"):
-            parse_bytes(bad)
+            parse_bytes(bad, "--max-memory", minimum=1)
+    assert parse_bytes("0", "--dram-capacity") == 0
 
 
 @pytest.mark.parametrize(
@@ -91,4 +92,43 @@ def test_serve_announces_json_serves_and_stops_on_sigterm(models_dir):
             proc.kill()
     assert proc.returncode == 0, err
     assert out == ""  # stdout carried exactly the one JSON line, read above
+    assert "Traceback" not in err
+
+
+def test_serve_needs_models_or_a_cache_and_checks_cache_sizes(tmp_path):
+    result = CliRunner().invoke(app, ["serve"], env={"SLLM_CACHE_DIR": None, "SLLM_REMOTE": None})
+    assert result.exit_code == 2
+    assert "sllm: error: give --models DIR, or --cache-dir/--remote to serve from the tier cache" in result.output
+    result = CliRunner().invoke(app, ["serve", "--cache-dir", str(tmp_path), "--dram-capacity", "lots"])
+    assert result.exit_code == 2 and "sllm: error: --dram-capacity 'lots': not a size" in result.output
+
+
+def test_serve_from_the_tier_cache_set_by_the_environment(models_dir, tmp_path):
+    env = {**os.environ, "SLLM_CACHE_DIR": str(tmp_path / "cache"), "SLLM_REMOTE": str(models_dir)}
+    env.pop("SLLM_API_KEY", None)
+    cmd = [sys.executable, "-m", "sllm", "serve", "--dram-capacity", "64MiB", "--ssd-capacity", "1GB",
+           "--port", "0", "--json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    timer = threading.Timer(300, proc.kill)  # a hang guard
+    timer.start()
+    try:
+        info = json.loads(proc.stdout.readline())
+        assert info["models"] == []  # nothing cached yet; the remote lists gpt2-a and gpt2-b
+        with httpx.Client(base_url=info["url"], timeout=120) as http:
+            cards = {m["id"]: m["tiers"] for m in http.get("/v1/models").json()["data"]}
+            assert cards == {"gpt2-a": ["remote"], "gpt2-b": ["remote"]}
+            r = http.post("/v1/completions", json={"model": "gpt2-b", "prompt": "Hi", "max_tokens": 3})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        result = CliRunner().invoke(app, ["cache", "ls", "--server", info["url"], "--json"])
+        assert result.exit_code == 0, result.output
+        assert [(m["model"], m["tier"]) for m in json.loads(result.stdout)["models"]] == [
+            ("gpt2-b", "device"), ("gpt2-b", "dram"), ("gpt2-b", "ssd")]
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        timer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert (tmp_path / "cache" / "models" / "gpt2-b" / "sllm.json").is_file()
     assert "Traceback" not in err

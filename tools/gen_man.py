@@ -83,7 +83,8 @@ FILES: dict[str, list[tuple[str, str]]] = {
 #: Variables every command reads: (name, meaning).
 GLOBAL_ENV: list[tuple[str, str]] = [
     ("SLLM_DEBUG", "Set to 1 to show the Python traceback of an error instead of the one-line message."),
-    ("SLLM_HUGEPAGES", "Set to 0 to stop advising transparent huge pages (MADV_HUGEPAGE) for the loader's host buffers (default: advised)."),
+    ("SLLM_HUGEPAGES",
+     "Set to 0 to stop advising transparent huge pages (MADV_HUGEPAGE) for the loader's host buffers (default: advised)."),
 ]
 
 

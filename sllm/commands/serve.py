@@ -5,12 +5,14 @@ Thin: it checks the flags, binds the socket (so a busy port is a one-line error)
 listening it prints the URL on stderr, or with ``--json`` one JSON line
 ``{"url": ..., "models": [...]}`` on stdout (the only thing on stdout; logs go to stderr).
 It imports no torch, transformers or FastAPI until it runs.
+
+With ``--cache-dir`` or ``--remote`` (or SLLM_CACHE_DIR / SLLM_REMOTE) the node serves
+through the tier cache, with the same cache flags as ``sllm cache`` (``_options.py``).
 """
 
 from __future__ import annotations
 
 import json
-import re
 import signal
 import socket
 import sys
@@ -20,27 +22,22 @@ from typing import Annotated, Any
 
 import typer
 
-from sllm.commands._options import DeviceOpt, DirectIoOpt, ThreadsOpt
+from sllm.commands._options import (
+    DEFAULT_CACHE_DIR,
+    DeviceOpt,
+    DirectIoOpt,
+    DramCapacityOpt,
+    RemoteOpt,
+    ServeCacheDirOpt,
+    SsdCapacityOpt,
+    ThreadsOpt,
+    cache_config,
+    parse_bytes,
+)
 from sllm.commands._output import handle_errors
 from sllm.errors import UsageError
 
 DEFAULT_PORT = 8343
-_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
-
-
-def parse_bytes(text: str) -> int:
-    """``"1500000000"``, ``"1.5G"``, ``"1.5GB"`` (powers of 10) or ``"8GiB"`` (powers of 2) -> bytes.
-
-    Raises:
-        UsageError: not a size.
-    """
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?\s*", text, re.IGNORECASE)
-    if not m:
-        raise UsageError(f"--max-memory {text!r}: not a size (examples: 6000000000, 6GB, 8GiB)")
-    value = float(m.group(1)) * _UNITS[(m.group(2) or "").lower()]
-    if value < 1:
-        raise UsageError(f"--max-memory {text!r}: must be at least 1 byte")
-    return int(value)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -80,14 +77,15 @@ def _log_config(level: str) -> dict[str, Any]:
 @handle_errors
 def serve(
     models: Annotated[
-        Path,
+        Path | None,
         typer.Option(
             "--models",
             metavar="DIR",
             help="Directory of converted models (sllm convert), one per subdirectory; the model id is the "
-            "subdirectory's name. Rescanned when a request names an unknown id.",
+            "subdirectory's name. Rescanned when a request names an unknown id. Needed unless the node "
+            "serves from its tier cache (--cache-dir, --remote).",
         ),
-    ],
+    ] = None,
     host: Annotated[
         str,
         typer.Option(
@@ -120,6 +118,10 @@ def serve(
             "used idle models are unloaded to make room. Default: no limit.",
         ),
     ] = None,
+    cache_dir: ServeCacheDirOpt = None,
+    ssd_capacity: SsdCapacityOpt = None,
+    dram_capacity: DramCapacityOpt = None,
+    remote: RemoteOpt = None,
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
     direct_io: DirectIoOpt = None,
@@ -138,25 +140,41 @@ def serve(
     unloaded. Routes: POST /v1/completions, POST /v1/chat/completions (stream: true for
     Server-Sent Events), GET /v1/models, GET /status, GET /health.
 
+    With --cache-dir or --remote the node serves through the tier cache (as `sllm cache`):
+    the models in its SSD and DRAM tiers and on the remote are servable too. A request for a
+    model that no tier holds pulls it from the remote, remote -> SSD -> DRAM pipelined by
+    chunk, and loads it from DRAM; a model on SSD loads from there (filling DRAM when there
+    is room); a DRAM hit reads nothing. A failed pull fails only that model's requests
+    (503). `sllm cache ... --server URL` lists, pins, evicts and pulls on the running node.
+
     Prints the URL on stderr once listening, or with --json one line {"url", "models"} on
     stdout. Runs until Ctrl-C or SIGTERM, then unloads every model and exits.
 
-    Example: sllm serve --models ./models --port 8343 --keep-alive 60 --max-memory 8GiB
+    Examples: sllm serve --models ./models --port 8343 --keep-alive 60 --max-memory 8GiB;
+    sllm serve --remote s3://bucket/models --cache-dir /nvme/sllm --ssd-capacity 500GB --dram-capacity 64GiB
     """
-    if not models.is_dir():
+    if models is None and cache_dir is None and remote is None:
+        raise UsageError("give --models DIR, or --cache-dir/--remote to serve from the tier cache",
+                         hint="convert a model with `sllm convert SRC DIR/NAME`")
+    if models is not None and not models.is_dir():
         raise UsageError(f"--models {models}: not a directory", hint="convert a model with `sllm convert SRC DIR/NAME`")
     if log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
         raise UsageError(f"--log-level {log_level!r}: choose debug, info, warning or error")
     from sllm.server.models import ServeConfig  # no torch: the app and uvicorn come in _run
 
+    cache = None
+    if cache_dir is not None or remote is not None:
+        cache = cache_config(cache_dir or Path(DEFAULT_CACHE_DIR), ssd_capacity=ssd_capacity,
+                             dram_capacity=dram_capacity, remote=remote)
     config = ServeConfig(
-        models_dir=models.resolve(),
+        models_dir=models.resolve() if models is not None else None,
         device=device,
         keep_alive_seconds=keep_alive,
-        max_memory_bytes=parse_bytes(max_memory) if max_memory is not None else None,
+        max_memory_bytes=parse_bytes(max_memory, "--max-memory", minimum=1) if max_memory is not None else None,
         api_key=api_key or None,
         loader_threads=threads,
         direct_io=direct_io,
+        cache=cache,
     )
     _run(config, host, port, log_level, json_out)
 
@@ -177,7 +195,9 @@ def _run(config: Any, host: str, port: int, log_level: str, json_out: bool) -> N
             sys.stdout.write(json.dumps({"url": url, "models": ids}) + "\n")
             sys.stdout.flush()
         else:
-            print(f"sllm: serving {len(ids)} model(s) ({', '.join(ids) or 'none yet'}) on {url}; Ctrl-C stops",
+            remote = config.cache.remote_url if config.cache is not None else None
+            pulled = f", and models pulled from {remote} on demand," if remote else ""
+            print(f"sllm: serving {len(ids)} model(s) ({', '.join(ids) or 'none yet'}){pulled} on {url}; Ctrl-C stops",
                   file=sys.stderr, flush=True)  # fmt: skip
 
     class Server(uvicorn.Server):

@@ -2,13 +2,17 @@
 
 Routes: ``GET /health`` (never guarded), ``GET /status``, ``GET /v1/models[/{id}]``,
 ``POST /v1/completions``, ``POST /v1/chat/completions`` (streamed as Server-Sent Events in
-OpenAI's chunk format, ending ``data: [DONE]``). Every response carries
-``x-sllm-load-seconds``: the seconds the request waited for its model to load (0 warm).
+OpenAI's chunk format, ending ``data: [DONE]``), and the cache API under ``/v1/cache``
+(``cache_api.py``). Every response carries ``x-sllm-load-seconds``: the seconds the request
+waited for its model to load (0 warm).
 
 Errors use OpenAI's shape with these statuses: 400 bad parameters (never 500 for bad
-input), 401 missing or wrong API key, 404 unknown model or route, 503 the model failed to
-load (corrupt checkpoint, memory budget; with ``x-should-retry: false``). A 500 means a
-bug. A failure after a stream has started is sent as an ``error`` event.
+input), 401 missing or wrong API key, 404 unknown model or route (or a model not in the
+cache tier asked about), 409 a cache tier refuses (pinned, in use, requests in flight), 503
+the model failed to load or to be pulled from the remote (corrupt checkpoint, memory budget,
+remote not found or unreachable, checksum; code ``model_pull_failed`` for pulls; with
+``x-should-retry: false``). A 500 means a bug. A failure after a stream has started is sent
+as an ``error`` event.
 
 This module maps HTTP to calls; the lifecycle is ``models.py``, text handling ``text.py``,
 generation ``sllm.core.engine``. :func:`create_app` builds a testable app; ``sllm serve``
@@ -35,7 +39,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from sllm.core.engine import SamplingParams
 from sllm.errors import CacheError, ServerError, UsageError
 from sllm.server import schemas
-from sllm.server.models import Lease, ModelLoadFailed, ModelManager, ModelNotFound, ServeConfig
+from sllm.server.cache_api import add_cache_routes, error_body_for
+from sllm.server.models import Lease, ModelLoadFailed, ModelManager, ModelNotFound, NotInTier, ServeConfig, TierConflict
 from sllm.server.text import TextStream, chat_ids, encode
 
 log = logging.getLogger("sllm.server")
@@ -51,6 +56,7 @@ def create_app(
 
     Raises:
         OSError: ``config.models_dir`` cannot be listed.
+        CacheError: ``config.cache``'s directory cannot be created or locked.
     """
     manager = manager or ModelManager(config, clock=clock)
 
@@ -67,6 +73,7 @@ def create_app(
     app.add_middleware(_Gate, api_key=config.api_key)
     _add_error_handlers(app)
     _add_routes(app, manager)
+    add_cache_routes(app, manager, _error)
     return app
 
 
@@ -148,6 +155,14 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def _not_found(request: Request, exc: ModelNotFound) -> JSONResponse:
         return _error(404, str(exc), param="model", code="model_not_found")
 
+    @app.exception_handler(TierConflict)
+    async def _conflict(request: Request, exc: TierConflict) -> JSONResponse:
+        return JSONResponse(error_body_for(exc), status_code=409)
+
+    @app.exception_handler(NotInTier)
+    async def _not_in_tier(request: Request, exc: NotInTier) -> JSONResponse:
+        return JSONResponse(error_body_for(exc), status_code=404)
+
     @app.exception_handler(UsageError)
     async def _bad(request: Request, exc: UsageError) -> JSONResponse:
         return _error(400, str(exc))
@@ -159,7 +174,10 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def _load_failed(exc: ModelLoadFailed, waited: float) -> JSONResponse:
-    code = "insufficient_memory" if isinstance(exc.__cause__, CacheError) else "model_load_failed"
+    if exc.phase == "pull":
+        code = "model_pull_failed"
+    else:
+        code = "insufficient_memory" if isinstance(exc.__cause__, CacheError) else "model_load_failed"
     headers = {LOAD_HEADER: f"{waited:.6f}", "x-should-retry": "false"}
     return _error(503, str(exc), "server_error", param="model", code=code, headers=headers)
 
@@ -183,13 +201,12 @@ def _add_routes(app: FastAPI, manager: ModelManager) -> None:
         cards = [schemas.model_card(m.pop("id"), m.pop("created"), **m) for m in manager.catalog()]
         return {"object": "list", "data": cards}
 
-    @app.get("/v1/models/{model_id}")
+    @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> dict[str, Any]:
         for m in manager.catalog():
             if m["id"] == model_id:
                 return schemas.model_card(m.pop("id"), m.pop("created"), **m)
-        manager.lookup(model_id)  # raises ModelNotFound
-        raise AssertionError("unreachable")
+        raise ModelNotFound(f"model {model_id!r} not found; this node serves: {', '.join(manager.scan()) or 'none'}")
 
     @app.post("/v1/completions")
     async def completions(body: schemas.CompletionRequest) -> Any:

@@ -1,0 +1,179 @@
+"""The node's cache API, for ``sllm cache ... --server URL``: its device tier (resident
+models, ``models.py``) and its tier cache's DRAM and SSD tiers (``tiers.py``) over HTTP.
+
+Routes (behind the API key like every route but ``/health``; ``MODEL`` may hold a ``/``):
+
+- ``GET /v1/cache``: ``{"cache_dir", "remote", "models": [row, ...], "tiers": [stats, ...]}``;
+  a row per model and tier, fastest tier first ("device", "dram", "ssd"), least recently
+  used first within a tier: model, tier, nbytes, last_used (Unix seconds), pinned, in_use,
+  state ("whole", "loading", "pulling"), path, resident (on the device), requests (in flight).
+- ``POST /v1/cache/MODEL/pin?tier=T`` and ``/unpin``: ``{"model", "tiers", "pinned"}``.
+  Without ``tier``: every tier that holds the model.
+- ``POST /v1/cache/MODEL/evict?tier=T``: ``{"model", "tiers", "freed_bytes"}``. Without
+  ``tier``: every tier that holds it, the device first (so the weights' DRAM lease is given
+  back before the DRAM entry goes). Nothing is removed when a tier refuses first.
+- ``POST /v1/cache/MODEL/pull?tier=dram|ssd``: a :class:`~sllm.core.cache.PullResult`;
+  default: DRAM when the node has a DRAM tier, else SSD.
+
+Statuses: 400 a bad tier or model name, or a tier this node does not have; 404 the model is
+not in the tier(s); 409 a tier refuses (pinned, loading, in use, requests in flight: a stream
+is never cut); 503 a pull failed (remote not found or unreachable, checksum, no room), in
+OpenAI's error shape like every error of the node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+from fastapi import FastAPI
+
+from sllm.errors import CacheError, CheckpointError, RemoteError, UsageError
+from sllm.server import schemas
+from sllm.server.models import ModelManager, NotInTier, TierConflict
+
+#: Tiers that ``tier=`` may name, fastest first.
+TIERS = ("device", "dram", "ssd")
+
+
+def add_cache_routes(app: FastAPI, manager: ModelManager, error: Any) -> None:
+    """Register the ``/v1/cache`` routes on ``app``; ``error(status, message, type_, **kw)``
+    builds the error responses (``app.py``'s)."""
+
+    @app.get("/v1/cache")
+    async def listing() -> dict[str, Any]:
+        out = await asyncio.to_thread(_listing_blocking, manager)
+        device = manager.device_rows()
+        resident = {r["model"] for r in device if r["resident"]}
+        rows = out.pop("cache_rows")
+        for r in rows:
+            r.update(resident=r["model"] in resident, requests=0)
+        out["tiers"] = [manager.device_stats(), *out["tiers"]]
+        return {**out, "models": device + rows}
+
+    @app.post("/v1/cache/{model:path}/pin")
+    async def pin(model: str, tier: str | None = None) -> dict[str, Any]:
+        return await _set_pinned(manager, model, tier, True)
+
+    @app.post("/v1/cache/{model:path}/unpin")
+    async def unpin(model: str, tier: str | None = None) -> dict[str, Any]:
+        return await _set_pinned(manager, model, tier, False)
+
+    @app.post("/v1/cache/{model:path}/evict")
+    async def evict(model: str, tier: str | None = None) -> dict[str, Any]:
+        return await _evict(manager, model, tier)
+
+    @app.post("/v1/cache/{model:path}/pull")
+    async def pull(model: str, tier: str | None = None) -> Any:
+        if manager.tiers is None:
+            raise UsageError("this node has no tier cache to pull into (start `sllm serve` with --cache-dir)")
+        cache = manager.tiers.cache
+        [target] = _tiers(manager, tier or ("dram" if cache.dram is not None else "ssd"), allowed=("dram", "ssd"))
+        try:
+            result = await asyncio.to_thread(cache.pull, model, dram=target == "dram")
+        except (RemoteError, CheckpointError, CacheError) as exc:
+            return error(503, f"pulling {model!r} failed: {exc}", "server_error", param="model",
+                         code="model_pull_failed", headers={"x-should-retry": "false"})
+        manager.scan()
+        manager.trim_pool()
+        return dataclasses.asdict(result)
+
+
+def _tiers(manager: ModelManager, tier: str | None, allowed: tuple[str, ...] = TIERS) -> list[str]:
+    """The tiers ``tier=`` names (None: every tier of the node).
+
+    Raises:
+        UsageError: an unknown tier, or one this node does not have.
+    """
+    have = ["device"]
+    if manager.tiers is not None:
+        have += ["dram", "ssd"] if manager.tiers.cache.dram is not None else ["ssd"]
+    if tier is None:
+        return [t for t in allowed if t in have]
+    if tier not in allowed:
+        raise UsageError(f"tier {tier!r}: choose {', '.join(allowed)}")
+    if tier not in have:
+        flag = "--cache-dir" if tier == "ssd" else "--dram-capacity"
+        raise UsageError(f"tier {tier!r}: this node has no {tier} tier (start `sllm serve` with {flag})")
+    return [tier]
+
+
+def _listing_blocking(manager: ModelManager) -> dict[str, Any]:
+    """The tier cache's part of ``GET /v1/cache`` (file locks and reads: a worker thread)."""
+    if manager.tiers is None:
+        return {"cache_dir": None, "remote": None, "cache_rows": [], "tiers": []}
+    cache = manager.tiers.cache
+    return {"cache_dir": str(cache.ssd.root), "remote": manager.tiers.config.remote_url,
+            "cache_rows": [dataclasses.asdict(r) for r in cache.ls()],
+            "tiers": [dataclasses.asdict(s) for s in cache.stats()]}
+
+
+def _holding(manager: ModelManager, model: str, tiers: list[str]) -> list[str]:
+    """Which of ``tiers`` hold ``model`` whole (the device: resident)."""
+    where = manager.tiers_of(model)
+    return [t for t in tiers if t in where]
+
+
+async def _set_pinned(manager: ModelManager, model: str, tier: str | None, pinned: bool) -> dict[str, Any]:
+    """Raises: NotInTier: no such tier holds it. UsageError: a bad tier."""
+    tiers = _holding(manager, model, _tiers(manager, tier))
+    if not tiers:
+        raise NotInTier(f"{model}: not in the {tier or 'device, DRAM or SSD'} tier(s) of this node")
+    for t in tiers:
+        if t == "device":
+            manager.set_pinned(model, pinned)
+        else:
+            cache = manager.tiers.cache  # type: ignore[union-attr]
+            await asyncio.to_thread(cache.pin if pinned else cache.unpin, model, t)
+    return {"model": model, "tiers": tiers, "pinned": pinned}
+
+
+async def _evict(manager: ModelManager, model: str, tier: str | None) -> dict[str, Any]:
+    """Evict ``model`` from ``tier`` (None: every tier holding it, the device first).
+
+    Raises:
+        NotInTier: no such tier holds it. TierConflict: a tier refuses (pinned, loading,
+        in use, requests in flight); nothing is removed when the first refusal comes before
+        any removal. UsageError: a bad tier.
+    """
+    tiers = _holding(manager, model, _tiers(manager, tier))
+    if any(r["model"] == model and r["state"] == "loading" for r in manager.device_rows()):
+        raise TierConflict(f"{model}: loading now; evict it once it is loaded and idle")
+    if not tiers:
+        raise NotInTier(f"{model}: not in the {tier or 'device, DRAM or SSD'} tier(s) of this node")
+    if "device" in tiers:
+        manager.check_evictable(model)
+    rows = {}
+    if manager.tiers is not None:
+        rows = {r.tier: r for r in await asyncio.to_thread(manager.tiers.cache.ls)
+                if r.model == model and r.state == "whole"}
+    for t in ("dram", "ssd"):
+        if t in tiers and rows.get(t) is not None and rows[t].pinned:
+            raise TierConflict(f"{model}: pinned in the {t.upper()} tier",
+                               hint=f"unpin it first: `sllm cache unpin {model} --tier {t}`")
+    dram = rows.get("dram")
+    if "dram" in tiers and "device" not in tiers and "device" in manager.tiers_of(model) and dram and dram.in_use:
+        raise TierConflict(f"{model}: its DRAM entry holds the weights of the model resident on the device",
+                           hint=f"evict it from the device first: `sllm cache evict {model} --tier device`")
+    freed, done = 0, []
+    for t in tiers:
+        if t == "device":
+            freed += await manager.evict(model)
+        else:
+            try:
+                gone = await asyncio.to_thread(manager.tiers.cache.evict, model, t)  # type: ignore[union-attr]
+            except CacheError as exc:
+                raise TierConflict(f"{exc} (evicted so far: {', '.join(done) or 'nothing'})", hint=exc.hint) from exc
+            freed += gone.freed_bytes
+        done.append(t)
+    manager.scan()
+    manager.trim_pool()
+    return {"model": model, "tiers": done, "freed_bytes": freed}
+
+
+def error_body_for(exc: CacheError) -> dict[str, Any]:
+    """The OpenAI-shaped body of a :class:`TierConflict` or :class:`NotInTier`."""
+    code = "tier_conflict" if isinstance(exc, TierConflict) else "not_in_tier"
+    message = f"{exc}; {exc.hint}" if exc.hint else str(exc)
+    return schemas.error_body(message, "invalid_request_error", param="model", code=code)

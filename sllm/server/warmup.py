@@ -1,0 +1,66 @@
+"""Warm-up of a serving process: the work a first cold start would otherwise pay once.
+
+:func:`import_model_code` imports the transformers code of a checkpoint's architecture
+(about 2 s the first time, DESIGN.md "Checkpoint format"), one thread at a time;
+:func:`warm_device` runs a first forward pass's kernels on small tensors. Both are
+optimisations: failures are logged at debug level and left for the load to report. It
+knows nothing of models' lifecycle (``models.py``) or HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+log = logging.getLogger("sllm.server")
+
+_import_lock = threading.Lock()
+
+
+def import_model_code(path: Path) -> None:
+    """Import the transformers code that loading ``path`` needs, one thread at a time.
+
+    transformers' lazy module is not safe to import from two threads at once (one of them
+    sees a half-initialised module: "cannot import name 'AutoConfig'"), and a load runs the
+    loader and the tokenizer in two threads. Failures are left for the load to report.
+    """
+    import importlib
+    import json
+
+    with _import_lock:
+        try:
+            import transformers
+            from transformers import AutoConfig, AutoTokenizer  # noqa: F401
+
+            config = json.loads((path / "config.json").read_text())
+            mtype = str(config.get("model_type", "")).replace("-", "_")
+            importlib.import_module(f"transformers.models.{mtype}.modeling_{mtype}")
+            for name in config.get("architectures") or []:
+                getattr(transformers, name, None)
+        except Exception:  # an optimisation and a guard, not a check
+            log.debug("importing the code of %s failed", path, exc_info=True)
+
+
+def warm_device(device: str) -> None:
+    """Run the kernels of a first forward pass once on small tensors of ``device``, so the
+    first cold start does not pay one-time initialisation (the CUDA context, cuBLAS
+    handles, lazy kernel loading: about 0.4-1 s on an H100; math library set-up on a CPU).
+    Failures are ignored: the load reports real problems."""
+    try:
+        import torch
+        import torch.nn.functional as F
+
+        dev = torch.device(device)
+        with torch.inference_mode():
+            for dtype in (torch.float16, torch.bfloat16, torch.float32):
+                x = torch.randn(2, 8, 64, device=dev, dtype=dtype)
+                w = torch.randn(64, 64, device=dev, dtype=dtype)
+                y = F.layer_norm(F.gelu(F.linear(x, w)), (64,)) + F.relu(x).softmax(-1)
+                q = y.view(2, 8, 4, 16).transpose(1, 2)
+                F.scaled_dot_product_attention(q, q, q, is_causal=True)
+                torch.argmax(F.embedding(torch.tensor([[1, 2]], device=dev), w), dim=-1).tolist()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+    except Exception:
+        log.debug("warming %s failed", device, exc_info=True)
