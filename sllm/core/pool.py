@@ -65,13 +65,15 @@ class HostMemoryPool:
         self._reuses = 0
         self._hits = 0
 
-    def acquire(self, nbytes: int, tag: object | None = None) -> HostBuffer:
+    def acquire(self, nbytes: int, tag: object | None = None, *, populate: bool = False) -> HostBuffer:
         """Lease a buffer of at least ``nbytes`` bytes.
 
         If ``tag`` is given and an idle buffer carries it, that buffer comes back with its
         bytes intact (``buf.tag == tag``: a hit, nothing to read). Otherwise: the smallest
         idle buffer that fits (wasting at most half of itself), preferring the least
         recently released, else a new one; its tag is cleared, since the caller overwrites it.
+        A new buffer's pages are faulted in by the caller's first writes unless ``populate``
+        (the loader's O_DIRECT reads fault them fastest themselves).
 
         Raises:
             CacheError: the pool's capacity cannot hold a buffer of that size.
@@ -94,7 +96,7 @@ class HostMemoryPool:
                 self._reuses += 1
                 return buf
             self._make_room(need)
-        buf = HostBuffer(need, pinned=self.pinned)
+        buf = HostBuffer(need, pinned=self.pinned, populate=populate)
         with self._lock:
             self._leased[id(buf)] = buf
             self._allocations += 1
@@ -123,7 +125,7 @@ class HostMemoryPool:
 
     def reserve(self, sizes: list[int]) -> None:
         """Allocate (and fault in) idle buffers of the given sizes, bytes, ahead of loads."""
-        bufs = [self.acquire(n) for n in sizes]
+        bufs = [self.acquire(n, populate=True) for n in sizes]
         for b in bufs:
             self.release(b)
 
