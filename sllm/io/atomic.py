@@ -146,7 +146,7 @@ def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
             continue
         parts = entry.name.rsplit("-", 2)
         pid = int(parts[-2]) if len(parts) == 3 and parts[-2].isdigit() else None
-        if pid is not None and pid != os.getpid() and _alive(pid):
+        if pid is not None and pid != os.getpid() and pid_alive(pid):
             continue
         if entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)
@@ -157,7 +157,8 @@ def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True when a process ``pid`` exists (ours or another user's)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -25,12 +25,18 @@ from sllm.core.cache.base import (
     dir_bytes,
     entry_name,
     hit_rate,
-    pid_alive,
     try_exclusive,
 )
 from sllm.core.format import open_checkpoint
 from sllm.errors import CacheError
-from sllm.io.atomic import TMP_PREFIX, atomic_write_bytes, file_lock, remove_stale_temporaries, temporary_sibling
+from sllm.io.atomic import (
+    TMP_PREFIX,
+    atomic_write_bytes,
+    file_lock,
+    pid_alive,
+    remove_stale_temporaries,
+    temporary_sibling,
+)
 
 
 @dataclass
