@@ -37,7 +37,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -79,27 +78,17 @@ def evict(paths: list[Path]) -> None:
 
 
 def start_server(models: Path, device: str, keep_alive: float) -> tuple[subprocess.Popen, str]:
-    """``sllm serve --port 0 --json``; returns once its transformers imports are done."""
-    from sllm.client import NodeClient
+    """``sllm serve --port 0 --json`` (the demo's launcher); returns once its transformers
+    imports are done."""
+    from sllm.demo import start_server as launch
+    from sllm.demo import wait_ready
 
-    cmd = [sys.executable, "-m", "sllm", "serve", "--models", str(models), "--port", "0", "--json",
-           "--device", device, "--keep-alive", str(keep_alive)]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)
-    timer = threading.Timer(STARTUP_SECONDS, proc.kill)
-    timer.start()
+    proc, url = launch(models, device, keep_alive=keep_alive, startup_seconds=STARTUP_SECONDS)
     try:
-        line = proc.stdout.readline() if proc.stdout else ""
-    finally:
-        timer.cancel()
-    if not line:
-        raise RuntimeError(f"sllm serve did not start (status {proc.wait()})")
-    url = json.loads(line)["url"]
-    deadline = time.monotonic() + READY_SECONDS
-    with NodeClient(url) as c:
-        while not c.status()["imports_ready"]:
-            if time.monotonic() > deadline:
-                raise RuntimeError("sllm serve did not finish importing its model code")
-            time.sleep(0.1)
+        wait_ready(url, READY_SECONDS)
+    except BaseException:
+        proc.kill()
+        raise
     return proc, url
 
 

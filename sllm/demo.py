@@ -63,12 +63,17 @@ def show_load(model_dir: Path, device: str) -> None:
     sllm.release(model)
 
 
-def start_server(models: Path, device: str) -> tuple[subprocess.Popen, str]:
-    """``sllm serve --port 0 --json`` in a subprocess; returns it and its URL."""
+def start_server(
+    models: Path, device: str, *, keep_alive: float = 600, startup_seconds: float = STARTUP_SECONDS
+) -> tuple[subprocess.Popen, str]:
+    """``sllm serve --port 0 --json`` in a subprocess; returns it and its URL.
+
+    Kills it and raises RuntimeError if it has not printed its URL after ``startup_seconds``.
+    """
     cmd = [sys.executable, "-m", "sllm", "serve", "--models", str(models), "--port", "0", "--json",
-           "--device", device, "--keep-alive", "600"]  # fmt: skip
+           "--device", device, "--keep-alive", str(keep_alive)]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    timer = threading.Timer(STARTUP_SECONDS, proc.kill)
+    timer = threading.Timer(startup_seconds, proc.kill)
     timer.start()
     try:
         line = proc.stdout.readline() if proc.stdout else ""
@@ -80,12 +85,12 @@ def start_server(models: Path, device: str) -> tuple[subprocess.Popen, str]:
     return proc, json.loads(line)["url"]
 
 
-def wait_ready(url: str) -> None:
+def wait_ready(url: str, timeout_seconds: float = STARTUP_SECONDS) -> None:
     """Wait until the server has imported the model code (it does so once, at start), so
     that the cold request measures a cold *model* on a running node."""
     from sllm.client import NodeClient
 
-    deadline = time.monotonic() + STARTUP_SECONDS
+    deadline = time.monotonic() + timeout_seconds
     with NodeClient(url) as client:
         while not client.status()["imports_ready"]:
             if time.monotonic() > deadline:
