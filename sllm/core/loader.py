@@ -88,6 +88,8 @@ class LoadedCheckpoint:
     host_buffers: list[HostBuffer] = field(default_factory=list)
     pool: HostMemoryPool | None = None
     on_release: Callable[[], None] | None = None
+    #: Forgets this load when its model or state dict is garbage-collected (see _track).
+    finalizer: weakref.finalize | None = field(default=None, repr=False)
 
     def release(self) -> None:
         """Give the host buffers back to the pool (and run ``on_release``, e.g. give a cache
@@ -115,7 +117,7 @@ _loads_lock = threading.Lock()
 def _track(obj: Any, loaded: LoadedCheckpoint) -> None:
     with _loads_lock:
         _loads[id(obj)] = loaded
-    weakref.finalize(obj, _forget, id(obj), loaded)
+    loaded.finalizer = weakref.finalize(obj, _forget, id(obj), loaded)
 
 
 def _forget(key: int, loaded: LoadedCheckpoint) -> None:
@@ -196,12 +198,13 @@ class _PartitionFill:
     """
 
     def __init__(
-        self, ckpt: Checkpoint, part: int, host: HostBuffer, *, threads: int, direct_io: bool | None, verify: bool
+        self, ckpt: Checkpoint, part: int, host: HostBuffer, tag: tuple, *, threads: int, direct_io: bool | None,
+        verify: bool,
     ) -> None:
         self.ckpt, self.part, self.host = ckpt, part, host
         self.threads, self.want_direct = threads, direct_io
         self.check = _checker(ckpt, part) if verify else None
-        self.tag = partition_tag(ckpt, part)
+        self.tag = tag
         self.pool_hit = host.tag == self.tag
         self.direct_io = False
 
@@ -233,6 +236,7 @@ def _read_partition(
     ckpt: Checkpoint,
     part: int,
     host: HostBuffer,
+    tag: tuple,
     device: torch.device,
     *,
     threads: int,
@@ -247,7 +251,7 @@ def _read_partition(
     """
     nbytes = ckpt.manifest.partitions[part].nbytes
     host_bytes = host.tensor[:nbytes]
-    fill = _PartitionFill(ckpt, part, host, threads=threads, direct_io=direct_io, verify=verify)
+    fill = _PartitionFill(ckpt, part, host, tag, threads=threads, direct_io=direct_io, verify=verify)
     if device.type != "cuda":
         for start, end in fill:
             progress(end - start)
@@ -345,10 +349,11 @@ def _load_opened(
     fills: list[_PartitionFill] = []
     try:
         for part, dev in enumerate(devices):
-            host = pool.acquire(ckpt.manifest.partitions[part].nbytes, tag=partition_tag(ckpt, part))
+            tag = partition_tag(ckpt, part)
+            host = pool.acquire(ckpt.manifest.partitions[part].nbytes, tag=tag)
             leases.append(host)
             buf, fill = _read_partition(
-                ckpt, part, host, dev, threads=threads or DEFAULT_READ_THREADS,
+                ckpt, part, host, tag, dev, threads=threads or DEFAULT_READ_THREADS,
                 direct_io=direct_io, verify=verify, progress=progress,
             )
             fills.append(fill)
@@ -791,6 +796,8 @@ def release(obj: Any) -> None:
         loaded = _loads.pop(id(obj), None)
     if loaded is None:
         return
+    if loaded.finalizer is not None:
+        loaded.finalizer.detach()  # a reused skeleton must not pile up finalizers
     if isinstance(obj, torch.nn.Module):
         _detach_weights(obj)
         key = obj.__dict__.get("_sllm_skeleton_key")
