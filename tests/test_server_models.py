@@ -58,7 +58,7 @@ def test_keep_alive_unloads_idle_models_only(models_dir):
         assert await m.reap() == []
         clock.t += 0.5
         assert await m.reap() == ["gpt2-a"]
-        st = m.status()
+        st = await m.status()
         assert st["resident"] == [] and st["counters"]["unloads"] == 1 and st["resident_bytes"] == 0
         lease = await m.acquire("gpt2-a")  # loads again
         assert m.counters["loads"] == 2 and lease.load_seconds >= 0
@@ -78,16 +78,16 @@ def test_memory_budget_evicts_the_least_recently_used_idle_model(models_dir):
         m.release(a)
         clock.t += 1
         b = await m.acquire("gpt2-b")
-        st = m.status()
+        st = await m.status()
         assert [r["model"] for r in st["resident"]] == ["gpt2-b"] and st["counters"]["unloads"] == 1
         assert st["resident_bytes"] <= st["max_memory_bytes"]
         # gpt2-b is leased: a load of gpt2-a waits for it to go idle, then evicts it
         pending = asyncio.ensure_future(m.acquire("gpt2-a"))
         await asyncio.sleep(0.3)
-        assert not pending.done() and m.status()["resident"][0]["model"] == "gpt2-b"
+        assert not pending.done() and (await m.status())["resident"][0]["model"] == "gpt2-b"
         m.release(b)
         a = await asyncio.wait_for(pending, 60)
-        assert [r["model"] for r in m.status()["resident"]] == ["gpt2-a"]
+        assert [r["model"] for r in (await m.status())["resident"]] == ["gpt2-a"]
         m.release(a)
         await m.close()
 
@@ -113,12 +113,12 @@ def test_status_lists_in_flight_requests_with_their_tokens(models_dir):
 
         gen = lease.resident.engine.submit([1, 2, 3], SamplingParams(max_tokens=4), request_id="r1", listener=listener)
         assert await asyncio.to_thread(got_one.wait, 30)
-        [res] = m.status()["resident"]
+        [res] = (await m.status())["resident"]
         assert res["requests"] == [{"id": "r1", "prompt_tokens": 3, "completion_tokens": 1}]
         assert res["idle_seconds"] == 0.0  # leased
         gate.set()
         assert await asyncio.to_thread(gen.wait, 30)
-        assert m.status()["resident"][0]["requests"] == [] and len(gen.generated) == 4
+        assert (await m.status())["resident"][0]["requests"] == [] and len(gen.generated) == 4
         m.release(lease)
         await m.close()
 

@@ -103,6 +103,27 @@ def serve(
             help="Require 'Authorization: Bearer KEY' on every route but /health (401 otherwise).",
         ),
     ] = None,
+    admin_key: Annotated[
+        str | None,
+        typer.Option(
+            "--admin-key",
+            envvar="SLLM_ADMIN_KEY",
+            show_envvar=True,
+            help="Key of the cache routes (/v1/cache: pin, evict, pull). Default: the --api-key.",
+        ),
+    ] = None,
+    drain_seconds: Annotated[
+        float,
+        typer.Option(
+            "--drain-seconds", min=0, metavar="SECONDS",
+            help="On SIGTERM or Ctrl-C, how long generations in flight may run to their end; the rest then end "
+            "with an error event. New requests get 503 meanwhile.",
+        ),
+    ] = 30.0,
+    max_body_bytes: Annotated[
+        str,
+        typer.Option("--max-body-bytes", metavar="BYTES", help="Largest request body (413 above it)."),
+    ] = "2MiB",
     keep_alive: Annotated[
         float,
         typer.Option(
@@ -148,7 +169,14 @@ def serve(
     (503). `sllm cache ... --server URL` lists, pins, evicts and pulls on the running node.
 
     Prints the URL on stderr once listening, or with --json one line {"url", "models"} on
-    stdout. Runs until Ctrl-C or SIGTERM, then unloads every model and exits.
+    stdout. Runs until Ctrl-C or SIGTERM, then drains: it stops accepting, answers new
+    requests with 503, lets generations in flight finish for up to --drain-seconds, ends the
+    rest with an error event and [DONE], unloads every model and exits 0.
+
+    Limits, enforced before any work (413 for the body, 400 for the rest): body
+    --max-body-bytes (2 MiB), prompt 1,000,000 characters (and the model's context in
+    tokens), 512 chat messages, 4 stop strings of at most 256 characters, model names of at
+    most 200 bytes. Keys (--api-key, --admin-key) are printable ASCII.
 
     Examples: sllm serve --models ./models --port 8343 --keep-alive 60 --max-memory 8GiB;
     sllm serve --remote s3://bucket/models --cache-dir /nvme/sllm --ssd-capacity 500GB --dram-capacity 64GiB
@@ -160,7 +188,7 @@ def serve(
         raise UsageError(f"--models {models}: not a directory", hint="convert a model with `sllm convert SRC DIR/NAME`")
     if log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
         raise UsageError(f"--log-level {log_level!r}: choose debug, info, warning or error")
-    from sllm.server.models import ServeConfig  # no torch: the app and uvicorn come in _run
+    from sllm.server.state import RequestLimits, ServeConfig  # no torch: the app and uvicorn come in _run
 
     cache = None
     if cache_dir is not None or remote is not None:
@@ -172,6 +200,9 @@ def serve(
         keep_alive_seconds=keep_alive,
         max_memory_bytes=parse_bytes(max_memory, "--max-memory", minimum=1) if max_memory is not None else None,
         api_key=api_key or None,
+        admin_key=admin_key or None,
+        drain_seconds=drain_seconds,
+        limits=RequestLimits(max_body_bytes=parse_bytes(max_body_bytes, "--max-body-bytes", minimum=1024)),
         loader_threads=threads,
         direct_io=direct_io,
         cache=cache,
@@ -181,9 +212,7 @@ def serve(
 
 def _run(config: Any, host: str, port: int, log_level: str, json_out: bool) -> None:
     """Bind, build the app, announce once listening, serve until a signal."""
-    import uvicorn
-
-    from sllm.server.app import create_app
+    from sllm.server.app import NodeServer, create_app, uvicorn_config
 
     app = create_app(config)
     sock = _bind(host, port)
@@ -200,18 +229,18 @@ def _run(config: Any, host: str, port: int, log_level: str, json_out: bool) -> N
             print(f"sllm: serving {len(ids)} model(s) ({', '.join(ids) or 'none yet'}){pulled} on {url}; Ctrl-C stops",
                   file=sys.stderr, flush=True)  # fmt: skip
 
-    class Server(uvicorn.Server):
+    class Server(NodeServer):
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets=sockets)
             if not self.should_exit:
                 announce()
 
-    uv_config = uvicorn.Config(app, log_config=_log_config(log_level), log_level=log_level.lower(),
-                               timeout_graceful_shutdown=5, server_header=False)  # fmt: skip
+    uv_config = uvicorn_config(app, config.drain_seconds, log_config=_log_config(log_level),
+                               log_level=log_level.lower())  # fmt: skip
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _stopped) if main else None
-    try:  # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal
-        Server(uv_config).run(sockets=[sock])
+    try:  # uvicorn shuts down gracefully on SIGINT/SIGTERM (the drain), then re-raises the signal
+        Server(uv_config, app, config.drain_seconds).run(sockets=[sock])
     finally:
         sock.close()
         if main:

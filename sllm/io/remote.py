@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import time
 import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
@@ -40,7 +41,28 @@ DEFAULT_PIECE_BYTES = 1024 * 1024
 #: The largest file :meth:`Remote.read_bytes` accepts (manifests, indexes, configs), bytes.
 DEFAULT_MAX_SMALL_BYTES = 256 * 1024 * 1024
 
+#: A transfer must move at least this many bytes per ``stall_seconds`` (:class:`RemoteConfig`).
+STALL_MIN_BYTES = 64 * 1024
+
 ProgressCallback = Callable[[int, int], None]
+
+
+def redact_url(url: str | None) -> str | None:
+    """``url`` fit to show: user, password and query string (presigned signatures, tokens)
+    removed, e.g. ``https://user:secret@host/m?X-Amz-Signature=...`` -> ``https://host/m``.
+    A local path is returned as it is; None stays None."""
+    if not url or "://" not in url:
+        return url
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "<unparsable URL>"
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{port}" if port else host
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 @dataclass(frozen=True)
@@ -50,6 +72,10 @@ class RemoteConfig:
     Attributes:
         timeout_seconds: seconds to wait for a connection or for the next bytes of a
             response before giving up with "timed out" (default 30).
+        stall_seconds: a transfer that moves fewer than :data:`STALL_MIN_BYTES` bytes in
+            this many seconds fails as "stalled" (default 60; ``SLLM_REMOTE_STALL_SECONDS``),
+            so a remote that trickles bytes slowly enough never to trip ``timeout_seconds``
+            still cannot hold a pull, and the node's link, forever.
         piece_bytes: bytes asked of the network per read (default 1 MiB).
         s3_endpoint_url: the S3 API endpoint (e.g. ``http://127.0.0.1:9000`` for a local
             S3-compatible server); None uses boto3's default (AWS, or boto3's own
@@ -58,6 +84,7 @@ class RemoteConfig:
     """
 
     timeout_seconds: float = 30.0
+    stall_seconds: float = 60.0
     piece_bytes: int = DEFAULT_PIECE_BYTES
     s3_endpoint_url: str | None = None
     s3_region: str | None = None
@@ -66,16 +93,17 @@ class RemoteConfig:
     def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> RemoteConfig:
         """A config from environment variables: ``SLLM_S3_ENDPOINT`` (first) or
         ``AWS_ENDPOINT_URL`` for the S3 endpoint, ``AWS_DEFAULT_REGION`` for the region,
-        ``SLLM_REMOTE_TIMEOUT`` (seconds). ``overrides`` win."""
+        ``SLLM_REMOTE_TIMEOUT`` and ``SLLM_REMOTE_STALL_SECONDS`` (seconds). ``overrides`` win."""
         values: dict[str, Any] = {
             "s3_endpoint_url": environ.get("SLLM_S3_ENDPOINT") or environ.get("AWS_ENDPOINT_URL") or None,
             "s3_region": environ.get("AWS_DEFAULT_REGION") or environ.get("AWS_REGION") or None,
         }
-        if environ.get("SLLM_REMOTE_TIMEOUT"):
-            try:
-                values["timeout_seconds"] = float(environ["SLLM_REMOTE_TIMEOUT"])
-            except ValueError as exc:
-                raise UsageError(f"SLLM_REMOTE_TIMEOUT={environ['SLLM_REMOTE_TIMEOUT']!r}: not a number") from exc
+        for var, key in (("SLLM_REMOTE_TIMEOUT", "timeout_seconds"), ("SLLM_REMOTE_STALL_SECONDS", "stall_seconds")):
+            if environ.get(var):
+                try:
+                    values[key] = float(environ[var])
+                except ValueError as exc:
+                    raise UsageError(f"{var}={environ[var]!r}: not a number") from exc
         values.update(overrides)
         return cls(**values)
 
@@ -94,11 +122,14 @@ class RangeStream(ABC):
     Use as a context manager; :meth:`readinto` fills a whole view or raises.
     """
 
-    def __init__(self, url: str, start: int, end: int) -> None:
+    def __init__(self, url: str, start: int, end: int, *, stall_seconds: float | None = None) -> None:
         self.url = url
         self.start = start
         self.end = end
         self.pos = start
+        self.stall_seconds = stall_seconds
+        self._window_start = time.monotonic()
+        self._window_bytes = 0
 
     @abstractmethod
     def _read_some(self, view: memoryview) -> int:
@@ -122,7 +153,25 @@ class RangeStream(ABC):
                     f"{self.url}: truncated: the transfer ended at byte {self.pos + done}, expected {self.end}"
                 )
             done += n
+            self._progress(n)
         self.pos += done
+
+    def _progress(self, n: int) -> None:
+        """Fail a transfer that makes no progress: fewer than :data:`STALL_MIN_BYTES` in
+        ``stall_seconds`` (a trickle that never trips a per-read timeout).
+
+        Raises:
+            RemoteError: "stalled".
+        """
+        if self.stall_seconds is None:
+            return
+        self._window_bytes += n
+        now = time.monotonic()
+        if self._window_bytes >= STALL_MIN_BYTES:
+            self._window_start, self._window_bytes = now, 0
+        elif now - self._window_start > self.stall_seconds:
+            raise RemoteError(f"{self.url}: stalled: {self._window_bytes} bytes in the last "
+                              f"{now - self._window_start:.0f} s (at byte {self.pos}); giving up")
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the connection or file."""
@@ -262,7 +311,7 @@ class Remote(ABC):
         self.close()
 
 
-def _not_found(message: str) -> RemoteError:
+def not_found_error(message: str) -> RemoteError:
     """A RemoteError marked ``not_found`` (so :meth:`Remote.exists` can tell it from an outage)."""
     err = RemoteError(message)
     err.not_found = True  # type: ignore[attr-defined]
@@ -309,7 +358,7 @@ class DirectoryRemote(Remote):
         try:
             st = p.stat()
         except FileNotFoundError as exc:
-            raise _not_found(f"{p}: not found") from exc
+            raise not_found_error(f"{p}: not found") from exc
         except OSError as exc:
             raise RemoteError(f"{p}: cannot stat ({exc.strerror})") from exc
         if not p.is_file():
@@ -321,7 +370,7 @@ class DirectoryRemote(Remote):
         try:
             return {e.name: e.stat().st_size for e in sorted(d.iterdir()) if e.is_file()}
         except FileNotFoundError as exc:
-            raise _not_found(f"{d}: not found") from exc
+            raise not_found_error(f"{d}: not found") from exc
         except OSError as exc:
             raise RemoteError(f"{d}: cannot list ({exc.strerror})") from exc
 
@@ -408,15 +457,16 @@ def _http_error(url: str, exc: Exception) -> RemoteError:
 
 def _status_error(url: str, status: int, reason: str) -> RemoteError:
     if status == 404:
-        return _not_found(f"{url}: not found (HTTP 404)")
+        return not_found_error(f"{url}: not found (HTTP 404)")
     if status == 416:
         return RemoteError(f"{url}: truncated: the file is shorter than the range asked (HTTP 416)")
     return RemoteError(f"{url}: HTTP {status} {reason}".rstrip())
 
 
 class _HttpRange(RangeStream):
-    def __init__(self, url: str, response: Any, start: int, end: int, piece_bytes: int) -> None:
-        super().__init__(url, start, end)
+    def __init__(self, url: str, response: Any, start: int, end: int, piece_bytes: int,
+                 stall_seconds: float | None = None) -> None:
+        super().__init__(url, start, end, stall_seconds=stall_seconds)
         self.response = response
         self._pieces = response.iter_raw()  # as the bytes arrive: a chunk size here would buffer
         self._left = memoryview(b"")
@@ -458,6 +508,10 @@ class HttpRemote(Remote):
         )
 
     def url_of(self, path: str) -> str:
+        """The URL of ``path`` for messages: credentials and query removed (:func:`redact_url`)."""
+        return redact_url(self._request_url(path)) or ""
+
+    def _request_url(self, path: str) -> str:
         return f"{self.url.rstrip('/')}/{urllib.parse.quote(_check_relpath(path))}"
 
     def size(self, path: str) -> int:
@@ -465,9 +519,9 @@ class HttpRemote(Remote):
 
         url = self.url_of(path)
         try:
-            r = self._client.head(url)
+            r = self._client.head(self._request_url(path))
             if r.status_code in (405, 501):  # no HEAD: ask for the first byte instead
-                with self._client.stream("GET", url, headers={"Range": "bytes=0-0"}) as g:
+                with self._client.stream("GET", self._request_url(path), headers={"Range": "bytes=0-0"}) as g:
                     if g.status_code == 206 and "/" in g.headers.get("content-range", ""):
                         total = g.headers["content-range"].rsplit("/", 1)[1]
                         if total.isdigit():
@@ -492,7 +546,7 @@ class HttpRemote(Remote):
         if end <= start:
             return _HttpRange(url, _EmptyResponse(), start, end, 1)
         try:
-            req = self._client.build_request("GET", url, headers={"Range": f"bytes={start}-{end - 1}"})
+            req = self._client.build_request("GET", self._request_url(path), headers={"Range": f"bytes={start}-{end - 1}"})
             r = self._client.send(req, stream=True)
         except httpx.HTTPError as exc:
             raise _http_error(url, exc) from exc
@@ -516,7 +570,7 @@ class HttpRemote(Remote):
         except BaseException:
             r.close()
             raise
-        return _HttpRange(url, r, start, end, self.config.piece_bytes)
+        return _HttpRange(url, r, start, end, self.config.piece_bytes, self.config.stall_seconds)
 
     def close(self) -> None:
         self._client.close()
@@ -544,7 +598,7 @@ def _s3_error(url: str, exc: BaseException) -> RemoteError:
         code = str(err.get("Code", ""))
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if code in ("404", "NoSuchKey", "NotFound", "NoSuchBucket"):
-            return _not_found(f"{url}: not found ({code})")
+            return not_found_error(f"{url}: not found ({code})")
         if code in ("InvalidRange", "416"):
             return RemoteError(f"{url}: truncated: the object is shorter than the range asked ({code})")
         return RemoteError(f"{url}: S3 error {code or status} ({err.get('Message', '')})".rstrip(" ()"))
@@ -571,8 +625,9 @@ def _s3_errors() -> tuple[type[BaseException], ...]:
 
 
 class _S3Range(RangeStream):
-    def __init__(self, url: str, body: Any, start: int, end: int, piece_bytes: int) -> None:
-        super().__init__(url, start, end)
+    def __init__(self, url: str, body: Any, start: int, end: int, piece_bytes: int,
+                 stall_seconds: float | None = None) -> None:
+        super().__init__(url, start, end, stall_seconds=stall_seconds)
         self.body = body
         self.piece_bytes = piece_bytes
         self._left = memoryview(b"")
@@ -659,7 +714,7 @@ class S3Remote(Remote):
         except _s3_errors() as exc:
             raise _s3_error(url, exc) from exc
         if not out:
-            raise _not_found(f"{url}: not found (no objects under this prefix)")
+            raise not_found_error(f"{url}: not found (no objects under this prefix)")
         return dict(sorted(out.items()))
 
     def open_range(self, path: str, start: int, end: int) -> RangeStream:
@@ -677,7 +732,7 @@ class S3Remote(Remote):
             raise RemoteError(
                 f"{url}: truncated: asked for bytes {start}-{end - 1}, got {length} bytes ({got or 'no Content-Range'})"
             )
-        return _S3Range(url, r["Body"], start, end, self.config.piece_bytes)
+        return _S3Range(url, r["Body"], start, end, self.config.piece_bytes, self.config.stall_seconds)
 
 
 class _EmptyBody:

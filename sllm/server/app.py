@@ -6,59 +6,59 @@ OpenAI's chunk format, ending ``data: [DONE]``), and the cache API under ``/v1/c
 (``cache_api.py``). Every response carries ``x-sllm-load-seconds``: the seconds the request
 waited for its model to load (0 warm).
 
-Errors use OpenAI's shape with these statuses: 400 bad parameters (never 500 for bad
-input), 401 missing or wrong API key, 404 unknown model or route (or a model not in the
-cache tier asked about), 409 a cache tier refuses (pinned, in use, requests in flight), 503
-the model failed to load or to be pulled from the remote (corrupt checkpoint, memory budget,
-remote not found or unreachable, checksum; code ``model_pull_failed`` for pulls; with
-``x-should-retry: false``). A 500 means a bug. A failure after a stream has started is sent
-as an ``error`` event.
+Errors use OpenAI's shape with these statuses: 400 bad parameters (never 422, never 500 for
+bad input), 401 missing or wrong key, 404 unknown model or route (or a model not in the
+cache tier asked about), 409 a cache tier refuses (pinned, in use, requests in flight), 413
+a body over the limit, 503 the model failed to load or to be pulled from the remote
+(corrupt checkpoint, memory budget, remote not found or unreachable, checksum; code
+``model_pull_failed`` for pulls; with ``x-should-retry: false``) or the node is shutting
+down (code ``shutting_down``). A 500 means a bug. A failure after a stream has started is
+sent as an ``error`` event. The OpenAPI schema (``/openapi.json``) states exactly these.
 
-This module maps HTTP to calls; the lifecycle is ``models.py``, text handling ``text.py``,
-generation ``sllm.core.engine``. :func:`create_app` builds a testable app; ``sllm serve``
-runs it with uvicorn.
+Routes are thin: a request's life is ``requests.py``, the lifecycle ``models.py``, the
+gate (keys, body size, bugs) ``gate.py``. :func:`create_app` builds a testable app;
+:class:`NodeServer` runs it with uvicorn and drains it on shutdown (``sllm serve``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import hmac
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.datastructures import MutableHeaders
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sllm.core.engine import SamplingParams
-from sllm.errors import CacheError, ServerError, UsageError
+from sllm.errors import UsageError
 from sllm.server import schemas
 from sllm.server.cache_api import add_cache_routes, error_body_for
-from sllm.server.models import Lease, ModelLoadFailed, ModelManager, ModelNotFound, NotInTier, ServeConfig, TierConflict
-from sllm.server.text import TextStream, chat_ids, encode
+from sllm.server.gate import LOAD_HEADER, Gate
+from sllm.server.models import ModelLoadFailed, ModelManager, ModelNotFound, NotInTier, ServeConfig, TierConflict
+from sllm.server.requests import END_GRACE_SECONDS, Requests, _unavailable
+
+__all__ = ["LOAD_HEADER", "NodeServer", "create_app"]
 
 log = logging.getLogger("sllm.server")
-
-LOAD_HEADER = "x-sllm-load-seconds"
 
 
 def create_app(
     config: ServeConfig, *, clock: Callable[[], float] = time.monotonic, manager: ModelManager | None = None
 ) -> FastAPI:
     """The app for one node. The manager starts (keep-alive reaper) and closes (unloads
-    every model) with the app's lifespan.
+    every model) with the app's lifespan; ``app.state.requests.drain`` ends it gracefully.
 
     Raises:
         OSError: ``config.models_dir`` cannot be listed.
         CacheError: ``config.cache``'s directory cannot be created or locked.
     """
     manager = manager or ModelManager(config, clock=clock)
+    requests = Requests(manager, config.limits)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -66,14 +66,18 @@ def create_app(
         try:
             yield
         finally:
+            requests.close()
             await manager.close()
 
     app = FastAPI(title="sllm node", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.manager = manager
-    app.add_middleware(_Gate, api_key=config.api_key)
+    app.state.requests = requests
+    app.add_middleware(Gate, api_key=config.api_key, admin_key=config.admin_key,
+                       max_body_bytes=config.limits.max_body_bytes)  # fmt: skip
     _add_error_handlers(app)
-    _add_routes(app, manager)
+    _add_routes(app, manager, requests)
     add_cache_routes(app, manager, _error)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
 
@@ -83,46 +87,36 @@ def _version() -> str:
     return __version__
 
 
+class NodeServer(uvicorn.Server):
+    """uvicorn's server with sllm's graceful shutdown: on SIGTERM (or ``should_exit``) stop
+    accepting, drain the app's requests (:meth:`Requests.drain`, ``config.drain_seconds``),
+    then uvicorn's own shutdown, which by then finds every stream ended."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_seconds: float) -> None:
+        super().__init__(config)
+        self.node_app = app
+        self.drain_seconds = drain_seconds
+
+    async def shutdown(self, sockets: list | None = None) -> None:
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        try:
+            await self.node_app.state.requests.drain(self.drain_seconds)
+        except Exception:
+            log.exception("draining the node's requests failed")
+        await super().shutdown(sockets=sockets)
+
+
+def uvicorn_config(app: FastAPI, drain_seconds: float, **kw: Any) -> uvicorn.Config:
+    """A uvicorn config whose own graceful timeout follows the drain."""
+    return uvicorn.Config(app, timeout_graceful_shutdown=int(END_GRACE_SECONDS) + 5, server_header=False, **kw)
+
+
 # ---------------------------------------------------------------------------------------
-# Middleware and errors
+# Errors
 # ---------------------------------------------------------------------------------------
-
-
-class _Gate:
-    """Pure ASGI middleware: the API key check (all routes but /health) and the default
-    ``x-sllm-load-seconds: 0`` on responses that did not set it."""
-
-    def __init__(self, app: Any, api_key: str | None) -> None:
-        self.app = app
-        self.api_key = api_key
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        if self.api_key and scope["path"] != "/health" and not self._authorized(scope):
-            body = schemas.error_body(
-                "missing or incorrect API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
-            )
-            resp = JSONResponse(body, status_code=401, headers={LOAD_HEADER: "0", "www-authenticate": "Bearer"})
-            await resp(scope, receive, send)
-            return
-
-        async def send_with_header(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                if LOAD_HEADER not in headers:
-                    headers.append(LOAD_HEADER, "0")
-            await send(message)
-
-        await self.app(scope, receive, send_with_header)
-
-    def _authorized(self, scope: dict) -> bool:
-        for name, value in scope.get("headers", []):
-            if name == b"authorization":
-                scheme, _, token = value.decode("latin-1").partition(" ")
-                return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), self.api_key or "")
-        return False
 
 
 def _error(status: int, message: str, type_: str = "invalid_request_error", **kw: Any) -> JSONResponse:
@@ -137,7 +131,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
         parts.append(f"{'.'.join(loc)}: {msg}" if loc else f"request body: {msg}")
         param = param or (loc[0] if loc else None)
-    return "; ".join(parts) or "invalid request", param
+    message = "; ".join(parts) or "invalid request"
+    return (message if len(message) <= 500 else message[:497] + "..."), param
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -155,6 +150,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def _not_found(request: Request, exc: ModelNotFound) -> JSONResponse:
         return _error(404, str(exc), param="model", code="model_not_found")
 
+    @app.exception_handler(ModelLoadFailed)
+    async def _load_failed(request: Request, exc: ModelLoadFailed) -> JSONResponse:
+        return _unavailable(exc, 0.0)
+
     @app.exception_handler(TierConflict)
     async def _conflict(request: Request, exc: TierConflict) -> JSONResponse:
         return JSONResponse(error_body_for(exc), status_code=409)
@@ -167,212 +166,77 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def _bad(request: Request, exc: UsageError) -> JSONResponse:
         return _error(400, str(exc))
 
-    @app.exception_handler(Exception)
-    async def _bug(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("internal error on %s", request.url.path)
-        return _error(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
-
-
-def _load_failed(exc: ModelLoadFailed, waited: float) -> JSONResponse:
-    if exc.phase == "pull":
-        code = "model_pull_failed"
-    else:
-        code = "insufficient_memory" if isinstance(exc.__cause__, CacheError) else "model_load_failed"
-    headers = {LOAD_HEADER: f"{waited:.6f}", "x-should-retry": "false"}
-    return _error(503, str(exc), "server_error", param="model", code=code, headers=headers)
-
 
 # ---------------------------------------------------------------------------------------
 # Routes
 # ---------------------------------------------------------------------------------------
 
+_ERRORS = {400: "bad parameters", 401: "missing or wrong key", 404: "unknown model", 413: "body over the limit",
+           503: "the model failed to load or be pulled, or the node is shutting down"}
+_COMPLETION_RESPONSES: dict[int | str, Any] = {
+    200: {"description": "the completion (JSON), or with stream: true Server-Sent Events",
+          "content": {"application/json": {}, "text/event-stream": {}}},
+    **{s: {"description": d, "model": schemas.ErrorResponse} for s, d in _ERRORS.items()},
+}
 
-def _add_routes(app: FastAPI, manager: ModelManager) -> None:
+
+def _add_routes(app: FastAPI, manager: ModelManager, requests: Requests) -> None:
+    guarded: dict[int | str, Any] = {401: {"description": "missing or wrong key", "model": schemas.ErrorResponse}}
+
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/status")
+    @app.get("/status", responses=guarded)
     async def status() -> dict[str, Any]:
-        return manager.status()
+        return await manager.status()
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=guarded)
     async def models() -> dict[str, Any]:
-        cards = [schemas.model_card(m.pop("id"), m.pop("created"), **m) for m in manager.catalog()]
+        cards = [schemas.model_card(m.pop("id"), m.pop("created"), **m) for m in await manager.catalog()]
         return {"object": "list", "data": cards}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", responses={
+        **guarded, 400: {"description": "a bad model name", "model": schemas.ErrorResponse},
+        404: {"description": "unknown model", "model": schemas.ErrorResponse}})
     async def model(model_id: str) -> dict[str, Any]:
-        for m in manager.catalog():
+        from sllm.server.catalog import check_model_name
+
+        if not check_model_name(model_id):
+            raise manager.not_found(model_id)
+        for m in await manager.catalog():
             if m["id"] == model_id:
                 return schemas.model_card(m.pop("id"), m.pop("created"), **m)
-        raise ModelNotFound(f"model {model_id!r} not found; this node serves: {', '.join(manager.scan()) or 'none'}")
+        raise manager.not_found(model_id)
 
-    @app.post("/v1/completions")
-    async def completions(body: schemas.CompletionRequest) -> Any:
-        return await _complete(manager, body, chat=False)
+    @app.post("/v1/completions", response_model=None, responses=_COMPLETION_RESPONSES)
+    async def completions(body: schemas.CompletionRequest, request: Request) -> Any:
+        return await requests.complete(body, request, chat=False)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: schemas.ChatCompletionRequest) -> Any:
-        return await _complete(manager, body, chat=True)
-
-
-async def _complete(manager: ModelManager, body: Any, *, chat: bool) -> Any:
-    """Lease the model (loading it if needed), start the generation, answer or stream."""
-    manager.lookup(body.model)  # 404 before anything else
-    t0 = time.monotonic()
-    try:
-        lease = await manager.acquire(body.model)
-    except ModelLoadFailed as exc:
-        return _load_failed(exc, time.monotonic() - t0)
-    try:
-        run = _Run(manager, lease, body, chat)
-    except BaseException:
-        manager.release(lease)
-        raise
-    headers = {LOAD_HEADER: f"{lease.load_seconds:.6f}"}
-    if body.stream:
-        return StreamingResponse(_sse(run), media_type="text/event-stream", headers=headers)
-    try:
-        text = "".join([d async for d in run.deltas()])
-    finally:
-        run.cancel()
-    if chat:
-        out = schemas.chat_body(run.id, body.model, run.created, text, run.finish)
-    else:
-        out = schemas.completion_body(run.id, body.model, run.created, text=text, finish=run.finish, chat=False)
-    out["usage"] = run.usage()
-    return JSONResponse(out, headers=headers)
+    @app.post("/v1/chat/completions", response_model=None, responses=_COMPLETION_RESPONSES)
+    async def chat_completions(body: schemas.ChatCompletionRequest, request: Request) -> Any:
+        return await requests.complete(body, request, chat=True)
 
 
-async def _sse(run: _Run) -> AsyncIterator[str]:
-    """The SSE body: a chunk per text delta, a last chunk with the finish reason, usage
-    when asked (``stream_options.include_usage``), then ``data: [DONE]``."""
-
-    def event(obj: dict[str, Any]) -> str:
-        return f"data: {json.dumps(obj)}\n\n"
-
-    chunk = lambda text, finish=None, first=False: schemas.completion_body(  # noqa: E731
-        run.id, run.model, run.created, text=text, finish=finish, chat=run.chat, first=first
-    )
-    try:
-        if run.chat:
-            yield event(chunk("", first=True))
-        async for delta in run.deltas():
-            if delta:
-                yield event(chunk(delta))
-        yield event(chunk(None if run.chat else "", finish=run.finish))
-        if run.include_usage:
-            yield event({**chunk(None), "choices": [], "usage": run.usage()})
-    except ServerError as exc:
-        yield event(schemas.error_body(str(exc), "server_error"))
-    finally:
-        run.cancel()
-    yield "data: [DONE]\n\n"
-
-
-class _Run:
-    """One request's generation: prompt ids in, text deltas out, usage at the end.
-
-    Tokenizes on construction and submits to the model's engine; tokens come back from
-    the engine thread through an asyncio queue. The lease is given back when the engine
-    finishes the generation (whether or not anyone still reads the stream).
-
-    Raises (constructor):
-        UsageError: an empty or too long prompt, a token id outside the vocabulary.
-    """
-
-    def __init__(self, manager: ModelManager, lease: Lease, body: Any, chat: bool) -> None:
-        res = lease.resident
-        self.manager, self.lease, self.chat, self.model = manager, lease, chat, body.model
-        self.id = schemas.new_id("chatcmpl" if chat else "cmpl")
-        self.created = schemas.now()
-        self.include_usage = body.include_usage
-        self.finish: str | None = None
-        prompt = _prompt_ids(res.tokenizer, res.model.config, body, chat)
-        context = res.engine.max_context
-        max_tokens = body.max_tokens
-        if max_tokens is None:
-            max_tokens = schemas.DEFAULT_COMPLETION_MAX_TOKENS if not chat else (context or 0) - len(prompt)
-        if context is not None and len(prompt) + max_tokens > context:
-            raise UsageError(
-                f"this model's context is {context} tokens; the request asks for {len(prompt) + max_tokens} "
-                f"({len(prompt)} in the prompt, {max_tokens} to generate): shorten the prompt or lower max_tokens"
-            )
-        params = SamplingParams(
-            max_tokens=max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            seed=body.seed,
-            stop_token_ids=_eos_ids(res.tokenizer, res.model),
-        )
-        self.text = TextStream(res.tokenizer, body.stop)
-        self.prompt_tokens = len(prompt)
-        self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[int | None] = asyncio.Queue()
-        self.gen = res.engine.submit(prompt, params, request_id=self.id, listener=self._listener)
-
-    def _listener(self, gen: Any, token: int | None) -> None:  # engine thread
-        self._loop.call_soon_threadsafe(self._on_token, token)
-
-    def _on_token(self, token: int | None) -> None:  # event loop
-        self._queue.put_nowait(token)
-        if token is None:
-            self.manager.release(self.lease)
-
-    async def deltas(self) -> AsyncIterator[str]:
-        """Text deltas as tokens arrive; sets :attr:`finish`. Raises ServerError if the
-        generation failed."""
-        first = True
-        while (token := await self._queue.get()) is not None:
-            if first:
-                self.manager.first_token(self.lease)
-                first = False
-            delta = self.text.push(token)
-            if self.text.stopped:
-                self.gen.cancel()
-                self.finish = "stop"
-                yield delta
-                return
-            yield delta
-        if self.gen.finish_reason == "error":
-            raise ServerError(f"generation failed: {type(self.gen.error).__name__}: {self.gen.error}")
-        if self.gen.finish_reason == "cancelled":
-            raise ServerError("generation cancelled: the model was unloaded (server shutting down)")
-        self.finish = self.gen.finish_reason
-        yield self.text.flush()
-
-    def usage(self) -> dict[str, int]:
-        return schemas.usage(self.prompt_tokens, len(self.text.ids))
-
-    def cancel(self) -> None:
-        self.gen.cancel()
-
-
-def _prompt_ids(tokenizer: Any, config: Any, body: Any, chat: bool) -> list[int]:
-    """Raises: UsageError: empty prompt or a token id outside the vocabulary."""
-    if chat:
-        ids = chat_ids(tokenizer, [(m.role, m.text()) for m in body.messages])
-    elif isinstance(body.prompt, list):
-        ids = list(body.prompt)
-        vocab = getattr(config, "vocab_size", None)
-        if vocab is not None and any(t >= vocab for t in ids):
-            raise UsageError(f"prompt: token ids must be < the vocabulary size {vocab}")
-    else:
-        ids = encode(tokenizer, body.prompt)
-    if not ids:
-        raise UsageError("prompt: empty (this tokenizer has no BOS token to start from)")
-    return ids
-
-
-def _eos_ids(tokenizer: Any, model: Any) -> tuple[int, ...]:
-    """End-of-sequence ids from the tokenizer and the model's generation config."""
-    ids: set[int] = set()
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(gen_eos, int):
-        ids.add(gen_eos)
-    elif isinstance(gen_eos, (list, tuple)):
-        ids.update(int(i) for i in gen_eos)
-    return tuple(sorted(ids))
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """The schema, told the truth: validation errors are 400s in OpenAI's error shape (not
+    FastAPI's 422), and every guarded route can answer 401 and 413."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    spec = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    error_ref = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+    for path, ops in spec.get("paths", {}).items():
+        for op in ops.values():
+            responses = op.setdefault("responses", {})
+            responses.pop("422", None)
+            if path == "/health":
+                continue
+            if op.get("parameters") or op.get("requestBody"):
+                responses.setdefault("400", {"description": "bad parameters", **error_ref})
+            responses.setdefault("401", {"description": "missing or wrong key", **error_ref})
+            responses.setdefault("413", {"description": "body over the limit", **error_ref})
+    schemas_ = spec.setdefault("components", {}).setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas_.pop(name, None)
+    app.openapi_schema = spec
+    return spec

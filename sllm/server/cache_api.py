@@ -15,22 +15,24 @@ Routes (behind the API key like every route but ``/health``; ``MODEL`` may hold 
 - ``POST /v1/cache/MODEL/pull?tier=dram|ssd``: a :class:`~sllm.core.cache.PullResult`;
   default: DRAM when the node has a DRAM tier, else SSD.
 
-Statuses: 400 a bad tier or model name, or a tier this node does not have; 404 the model is
-not in the tier(s); 409 a tier refuses (pinned, loading, in use, requests in flight: a stream
-is never cut); 503 a pull failed (remote not found or unreachable, checksum, no room), in
-OpenAI's error shape like every error of the node.
+Statuses: 400 a bad tier or model name (checked before any filesystem call), or a tier this
+node does not have; 404 the model is not in the tier(s), or not on the remote (a pull); 409
+a tier refuses (pinned, loading, in use, requests in flight: a stream is never cut); 503 a
+pull failed (remote unreachable, checksum, no room), in OpenAI's error shape like every
+error of the node. These routes take the admin key when the node has one (``gate.py``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from typing import Any
 
 from fastapi import FastAPI
 
 from sllm.errors import CacheError, CheckpointError, RemoteError, UsageError
+from sllm.io.remote import redact_url
 from sllm.server import schemas
+from sllm.server.catalog import check_model_name
 from sllm.server.models import ModelManager, NotInTier, TierConflict
 
 #: Tiers that ``tier=`` may name, fastest first.
@@ -41,9 +43,14 @@ def add_cache_routes(app: FastAPI, manager: ModelManager, error: Any) -> None:
     """Register the ``/v1/cache`` routes on ``app``; ``error(status, message, type_, **kw)``
     builds the error responses (``app.py``'s)."""
 
-    @app.get("/v1/cache")
+    guarded = {401: {"description": "missing or wrong admin key", "model": schemas.ErrorResponse}}
+    answers = {**guarded, **{s: {"description": d, "model": schemas.ErrorResponse} for s, d in (
+        (400, "a bad tier or model name"), (404, "not in the tier(s)"), (409, "a tier refuses"),
+        (503, "the pull failed"))}}
+
+    @app.get("/v1/cache", responses=guarded)
     async def listing() -> dict[str, Any]:
-        out = await asyncio.to_thread(_listing_blocking, manager)
+        out = await manager.in_meta(_listing_blocking, manager)
         device = manager.device_rows()
         resident = {r["model"] for r in device if r["resident"]}
         rows = out.pop("cache_rows")
@@ -52,31 +59,35 @@ def add_cache_routes(app: FastAPI, manager: ModelManager, error: Any) -> None:
         out["tiers"] = [manager.device_stats(), *out["tiers"]]
         return {**out, "models": device + rows}
 
-    @app.post("/v1/cache/{model:path}/pin")
+    @app.post("/v1/cache/{model:path}/pin", responses=answers)
     async def pin(model: str, tier: str | None = None) -> dict[str, Any]:
         return await _set_pinned(manager, model, tier, True)
 
-    @app.post("/v1/cache/{model:path}/unpin")
+    @app.post("/v1/cache/{model:path}/unpin", responses=answers)
     async def unpin(model: str, tier: str | None = None) -> dict[str, Any]:
         return await _set_pinned(manager, model, tier, False)
 
-    @app.post("/v1/cache/{model:path}/evict")
+    @app.post("/v1/cache/{model:path}/evict", responses=answers)
     async def evict(model: str, tier: str | None = None) -> dict[str, Any]:
         return await _evict(manager, model, tier)
 
-    @app.post("/v1/cache/{model:path}/pull")
+    @app.post("/v1/cache/{model:path}/pull", responses=answers)
     async def pull(model: str, tier: str | None = None) -> Any:
         if manager.tiers is None:
             raise UsageError("this node has no tier cache to pull into (start `sllm serve` with --cache-dir)")
         cache = manager.tiers.cache
         [target] = _tiers(manager, tier or ("dram" if cache.dram is not None else "ssd"), allowed=("dram", "ssd"))
+        if not check_model_name(model):
+            return error(404, f"model {model[:80]!r} not found", param="model", code="model_not_found")
         try:
-            result = await asyncio.to_thread(cache.pull, model, dram=target == "dram")
+            result = await manager.in_pull(cache.pull, model, dram=target == "dram")
         except (RemoteError, CheckpointError, CacheError) as exc:
+            if getattr(exc, "not_found", False):
+                return error(404, f"model {model!r} not found on the remote", param="model", code="model_not_found")
             return error(503, f"pulling {model!r} failed: {exc}", "server_error", param="model",
                          code="model_pull_failed", headers={"x-should-retry": "false"})
-        manager.scan()
-        manager.trim_pool()
+        await manager.refresh()
+        await manager.trim_pool()
         return dataclasses.asdict(result)
 
 
@@ -104,7 +115,7 @@ def _listing_blocking(manager: ModelManager) -> dict[str, Any]:
     if manager.tiers is None:
         return {"cache_dir": None, "remote": None, "cache_rows": [], "tiers": []}
     cache = manager.tiers.cache
-    return {"cache_dir": str(cache.ssd.root), "remote": manager.tiers.config.remote_url,
+    return {"cache_dir": str(cache.ssd.root), "remote": redact_url(manager.tiers.config.remote_url),
             "cache_rows": [dataclasses.asdict(r) for r in cache.ls()],
             "tiers": [dataclasses.asdict(s) for s in cache.stats()]}
 
@@ -116,7 +127,9 @@ def _holding(manager: ModelManager, model: str, tiers: list[str]) -> list[str]:
 
 
 async def _set_pinned(manager: ModelManager, model: str, tier: str | None, pinned: bool) -> dict[str, Any]:
-    """Raises: NotInTier: no such tier holds it. UsageError: a bad tier."""
+    """Raises: NotInTier: no such tier holds it. UsageError: a bad tier or name."""
+    check_model_name(model)
+    await manager.refresh()
     tiers = _holding(manager, model, _tiers(manager, tier))
     if not tiers:
         raise NotInTier(f"{model}: not in the {tier or 'device, DRAM or SSD'} tier(s) of this node")
@@ -125,7 +138,7 @@ async def _set_pinned(manager: ModelManager, model: str, tier: str | None, pinne
             manager.set_pinned(model, pinned)
         else:
             cache = manager.tiers.cache  # type: ignore[union-attr]
-            await asyncio.to_thread(cache.pin if pinned else cache.unpin, model, t)
+            await manager.in_meta(cache.pin if pinned else cache.unpin, model, t)
     return {"model": model, "tiers": tiers, "pinned": pinned}
 
 
@@ -135,8 +148,10 @@ async def _evict(manager: ModelManager, model: str, tier: str | None) -> dict[st
     Raises:
         NotInTier: no such tier holds it. TierConflict: a tier refuses (pinned, loading,
         in use, requests in flight); nothing is removed when the first refusal comes before
-        any removal. UsageError: a bad tier.
+        any removal. UsageError: a bad tier or name.
     """
+    check_model_name(model)
+    await manager.refresh()
     tiers = _holding(manager, model, _tiers(manager, tier))
     if any(r["model"] == model and r["state"] == "loading" for r in manager.device_rows()):
         raise TierConflict(f"{model}: loading now; evict it once it is loaded and idle")
@@ -146,7 +161,7 @@ async def _evict(manager: ModelManager, model: str, tier: str | None) -> dict[st
         manager.check_evictable(model)
     rows = {}
     if manager.tiers is not None:
-        rows = {r.tier: r for r in await asyncio.to_thread(manager.tiers.cache.ls)
+        rows = {r.tier: r for r in await manager.in_meta(manager.tiers.cache.ls)
                 if r.model == model and r.state == "whole"}
     for t in ("dram", "ssd"):
         if t in tiers and rows.get(t) is not None and rows[t].pinned:
@@ -162,13 +177,13 @@ async def _evict(manager: ModelManager, model: str, tier: str | None) -> dict[st
             freed += await manager.evict(model)
         else:
             try:
-                gone = await asyncio.to_thread(manager.tiers.cache.evict, model, t)  # type: ignore[union-attr]
+                gone = await manager.in_meta(manager.tiers.cache.evict, model, t)  # type: ignore[union-attr]
             except CacheError as exc:
                 raise TierConflict(f"{exc} (evicted so far: {', '.join(done) or 'nothing'})", hint=exc.hint) from exc
             freed += gone.freed_bytes
         done.append(t)
-    manager.scan()
-    manager.trim_pool()
+    await manager.refresh()
+    await manager.trim_pool()
     return {"model": model, "tiers": done, "freed_bytes": freed}
 
 

@@ -7,18 +7,27 @@ tiers and on its remote ("cache" models: a cold start takes them from the fastes
 holds them, pulling from the remote when none does), and which of them are resident (the
 device tier). A request :meth:`~ModelManager.acquire`\\ s its model: a resident model is leased at once;
 otherwise the first request starts the load and every concurrent request for that model
-awaits the same load (never two loads of one model). Loads run one at a time (the
-node's loader is one queue: a second cold model waits, and that wait is reported as
-``queue_seconds``), in a worker thread, the weights through :func:`sllm.core.loader.load_model`
-and the tokenizer beside them. A failed load fails the requests waiting on it and leaves
-the model not resident; the next request tries again.
+awaits the same load (never two loads of one model). A failed load fails the requests
+waiting on it and leaves the model not resident; the next request tries again.
+
+Loads queue per resource, not behind one node-wide lock: a pull from the remote holds the
+*link* (the remote connection and the SSD writer), a read from local storage the *disk*
+(the loader's reader threads), and room in the memory budget is reserved before a load
+(so two loads never both count the same free bytes). A cold start that needs neither
+waits for neither: a local model loads while another model downloads, and a DRAM-tier hit
+reads nothing. ``queue_seconds`` reports what a load waited. The weights come through
+:func:`sllm.core.loader.load_model` and the tokenizer beside them, in the manager's load
+threads.
 
 Idle models (no lease) unload after ``keep_alive_seconds`` (scale to zero), and before a
 load the least recently used idle models unload until the new one fits the memory budget;
 a model pinned on the device (:meth:`ModelManager.set_pinned`) is never unloaded that way.
 
-All state changes happen on the event loop thread, so no lock guards them; blocking work
-(loading, unloading) runs in threads. Time comes from an injectable ``clock``. It knows
+All state changes happen on the event loop thread, so no lock guards them. Nothing on the
+loop blocks: loads and unloads run in the manager's load threads, and catalogue scans
+(directory listings, the SSD tier's cross-process lock), checkpoint opening and pool
+trimming in its metadata threads (bounded executors of their own, so a slow pull cannot
+starve them; :mod:`sllm.server.catalog`). Time comes from an injectable ``clock``. It knows
 nothing of HTTP (``app.py`` maps its errors to responses). Its records and errors are in
 ``state.py`` (re-exported here), the warm-up in ``warmup.py``.
 """
@@ -27,16 +36,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
-import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from sllm.core.format import MANIFEST_FILE, open_checkpoint
-from sllm.errors import CacheError, CheckpointError, SllmError
+from sllm.core.format import open_checkpoint
+from sllm.errors import CacheError, SllmError
+from sllm.io.remote import redact_url
+from sllm.server import report
+from sllm.server.catalog import Catalog, Snapshot, check_model_name
+from sllm.server.loading import load_blocking
 from sllm.server.state import (  # noqa: F401 - re-exported: the lifecycle's public records and errors
     ColdStart,
     Entry,
@@ -46,6 +58,7 @@ from sllm.server.state import (  # noqa: F401 - re-exported: the lifecycle's pub
     NotInTier,
     Resident,
     ServeConfig,
+    ShuttingDown,
     TierConflict,
 )
 from sllm.server.warmup import import_model_code, warm_device
@@ -57,6 +70,11 @@ log = logging.getLogger("sllm.server")
 
 #: How long a load waits for leased models to go idle when the budget is full, seconds.
 BUDGET_WAIT_SECONDS = 120.0
+#: How long a request for a name that no local tier holds waits for the remote to say whether
+#: it has that model, seconds; past it the request gets a 503 (the remote is too slow to tell).
+REMOTE_LOOKUP_SECONDS = 10.0
+
+T = TypeVar("T")
 
 
 class ModelManager:
@@ -70,7 +88,7 @@ class ModelManager:
             :func:`sllm.core.loader.release`).
 
     Use from one event loop: :meth:`start`, then :meth:`acquire`/:meth:`release` per
-    request, :meth:`close` at shutdown.
+    request, :meth:`close` at shutdown. The constructor scans the catalogue (blocking).
     """
 
     def __init__(
@@ -91,130 +109,132 @@ class ModelManager:
             from sllm.server.tiers import NodeTiers
 
             self.tiers = NodeTiers(config.cache, self.pool)
+        self.catalogue = Catalog(config.models_dir, self.tiers)
         self._loader = loader or _default_loader
         self._release = release or _default_release
-        self._entries: dict[str, Entry] = {}
-        self._loader_lock = asyncio.Lock()
+        self.entries: dict[str, Entry] = {}
+        self.snapshot = Snapshot()
+        # the resources a cold start may need, each its own queue (module docstring)
+        self._link = asyncio.Semaphore(1)
+        self._disk = asyncio.Semaphore(1)
+        self.reserved = 0  # bytes of the memory budget promised to loads in progress
+        self.waits: dict[str, str] = {}  # model -> the resource its load waits for ("link", "disk", "memory")
         self._released = asyncio.Event()
+        self.closing = asyncio.Event()
+        self._load_threads = ThreadPoolExecutor(4, thread_name_prefix="sllm-load")
+        self._meta_threads = ThreadPoolExecutor(2, thread_name_prefix="sllm-meta")
         self._reaper: asyncio.Task | None = None
-        self._warm: asyncio.Future | None = None
+        self.warm: asyncio.Future | None = None
         self.started = clock()
         self.last_cold: ColdStart | None = None
         self.counters = {"requests": 0, "warm_requests": 0, "loads": 0, "load_failures": 0, "unloads": 0}
         self.scan()
 
+    async def in_meta(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking metadata work (scans, cache state, checkpoint opening) off the loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._meta_threads, fn, *args)
+
+    async def _in_load(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._load_threads, fn, *args)
+
+    async def in_pull(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        """Run a tier-cache pull (``sllm cache pull --server``) in the link's queue, in a load thread."""
+        async with self._link:
+            return await self._in_load(lambda: fn(*args, **kw))
+
     # -- catalogue ------------------------------------------------------------------------
 
     def scan(self) -> list[str]:
-        """Re-read the models directory and the tier cache's local tiers; returns the model
-        ids (sorted). Resident, loading and awaited models stay; a local model shadows a
-        cached one of the same name."""
-        root = self.config.models_dir
-        found = {} if root is None else {
-            p.name: p for p in root.iterdir() if p.is_dir() and (p / MANIFEST_FILE).is_file()}
-        cached = self.tiers.cached() if self.tiers is not None else {}
-        for mid in list(self._entries):
-            e = self._entries[mid]
-            listed = mid in found if e.kind == "local" else mid in cached
-            if not listed and e.resident is None and e.loading is None and e.waiting == 0:
-                del self._entries[mid]
-        for mid, path in found.items():
-            self._entries.setdefault(mid, Entry(mid, path))
-        for mid in cached:
-            self._entries.setdefault(mid, Entry(mid, None, kind="cache"))
-        return sorted(self._entries)
+        """Re-read the catalogue now and return the model ids (sorted). Blocking: for callers
+        outside the event loop (start-up, tests); on the loop use :meth:`refresh`."""
+        self._apply(self.catalogue.scan())
+        return sorted(self.entries)
 
-    def lookup(self, model_id: str) -> Entry:
-        """The model's entry. With a remote, a valid name that no tier holds is an entry too
-        (its first request pulls it; a failed pull answers 503).
+    async def refresh(self) -> list[str]:
+        """:meth:`scan` in a metadata thread; returns the model ids (sorted)."""
+        self._apply(await self.in_meta(self.catalogue.scan))
+        return sorted(self.entries)
+
+    def _apply(self, snap: Snapshot) -> None:
+        """Make the entries agree with a scan. Resident, loading and awaited models stay; a
+        local model shadows a cached one of the same name."""
+        self.snapshot = snap
+        for mid in list(self.entries):
+            e = self.entries[mid]
+            listed = mid in snap.local if e.kind == "local" else mid in snap.cached
+            if not listed and e.resident is None and e.loading is None and e.waiting == 0:
+                del self.entries[mid]
+        for mid, path in snap.local.items():
+            self.entries.setdefault(mid, Entry(mid, path))
+        for mid in snap.cached:
+            self.entries.setdefault(mid, Entry(mid, None, kind="cache"))
+
+    def not_found(self, model_id: str) -> ModelNotFound:
+        """The 404 error for ``model_id``, listing what this node serves."""
+        shown = model_id if len(model_id) <= 80 else model_id[:77] + "..."
+        return ModelNotFound(f"model {shown!r} not found; this node serves: {', '.join(sorted(self.entries)) or 'none'}")
+
+    async def lookup(self, model_id: str) -> Entry:
+        """The model's entry. A name no local tier holds costs one rescan and, with a remote,
+        one bounded question to the remote (:data:`REMOTE_LOOKUP_SECONDS`); nothing is kept
+        for a name that exists nowhere.
 
         Raises:
-            ModelNotFound: no such model (after a rescan).
+            UsageError: a name too long to name anything, before any filesystem call.
+            ModelNotFound: no such model (hidden and temporary names included). ModelLoadFailed: the remote
+                could not say in time (phase "pull").
         """
-        if model_id not in self._entries:
-            self.scan()
-        if (model_id not in self._entries and self.tiers is not None and self.tiers.has_remote
-                and self.tiers.valid_name(model_id)):
-            self._entries[model_id] = Entry(model_id, None, kind="cache")
-        if model_id not in self._entries:
-            raise ModelNotFound(f"model {model_id!r} not found; this node serves: {', '.join(self.scan()) or 'none'}")
-        return self._entries[model_id]
+        if not check_model_name(model_id):
+            raise self.not_found(model_id)
+        if model_id in self.entries:
+            return self.entries[model_id]
+        await self.refresh()
+        if model_id not in self.entries and self.tiers is not None and self.tiers.has_remote \
+                and self.tiers.valid_name(model_id):
+            try:
+                there = await asyncio.wait_for(self.in_meta(self.tiers.remote_has, model_id), REMOTE_LOOKUP_SECONDS)
+            except (TimeoutError, SllmError) as exc:
+                why = "timed out" if isinstance(exc, TimeoutError) else str(exc)
+                raise ModelLoadFailed(f"model {model_id!r}: asking the remote whether it holds it failed: {why}",
+                                      phase="pull") from exc
+            if there and model_id not in self.entries:
+                self.entries[model_id] = Entry(model_id, None, kind="cache")
+        if model_id not in self.entries:
+            raise self.not_found(model_id)
+        return self.entries[model_id]
 
     def tiers_of(self, model_id: str, cached: dict[str, list[str]] | None = None) -> list[str]:
         """Where ``model_id`` is, fastest first: "device" (resident), "dram", "ssd" (the
-        tier cache), "local" (its ``--models`` directory). ``cached``: :meth:`NodeTiers.cached`."""
-        e = self._entries.get(model_id)
+        tier cache, as of the last scan, or ``cached``), "local" (its ``--models`` directory)."""
+        e = self.entries.get(model_id)
         if cached is None:
-            cached = self.tiers.cached() if self.tiers is not None else {}
+            cached = self.snapshot.cached
         tiers = ["device"] if e is not None and e.resident is not None else []
         tiers += cached.get(model_id, [])
         if e is not None and e.kind == "local":
             tiers.append("local")
         return tiers
 
-    def catalog(self) -> list[dict[str, Any]]:
-        """One dict per servable model: ``id``, ``created`` (Unix seconds), ``resident``,
-        ``nbytes`` (None when unknown or the checkpoint does not validate), ``error`` (why,
-        else None), ``source`` ("local" or "cache") and ``tiers`` (:meth:`tiers_of`; a model
-        only the remote lists has ``["remote"]``)."""
-        out = []
-        ids = self.scan()
-        cached = self.tiers.cached() if self.tiers is not None else {}
-        for mid in ids:
-            e = self._entries[mid]
-            nbytes, error, created = None, None, time.time()
-            if e.kind == "local":
-                assert e.path is not None
-                try:
-                    nbytes = open_checkpoint(e.path).manifest.total_bytes
-                except CheckpointError as exc:
-                    error = str(exc)
-                created = (e.path / MANIFEST_FILE).stat().st_mtime
-            else:
-                assert self.tiers is not None
-                nbytes = e.resident.nbytes if e.resident is not None else self.tiers.nbytes_of(mid)
-                created = self.tiers.created_of(mid) or created
-            out.append(dict(id=mid, created=created, resident=e.resident is not None, nbytes=nbytes, error=error,
-                            source=e.kind, tiers=self.tiers_of(mid, cached)))
-        if self.tiers is not None:
-            for mid in self.tiers.remote_models():
-                if mid not in self._entries:
-                    out.append(dict(id=mid, created=time.time(), resident=False, nbytes=None, error=None,
-                                    source="cache", tiers=["remote"]))
-        return sorted(out, key=lambda m: m["id"])
-
-    def resident_bytes(self) -> int:
-        return sum(e.resident.nbytes for e in self._entries.values() if e.resident is not None)
-
-    # -- the device tier ------------------------------------------------------------------
+    async def catalog(self) -> list[dict[str, Any]]:
+        """The servable models (:func:`sllm.server.report.catalog`)."""
+        return await report.catalog(self)
 
     def device_rows(self) -> list[dict[str, Any]]:
-        """The device tier as rows of ``GET /v1/cache`` (resident and loading models, least
-        recently used first): model, tier, nbytes, last_used (Unix seconds), pinned, in_use
-        (requests in flight), state ("whole" or "loading"), path (None), resident, requests."""
-        now_wall, now = time.time(), self.clock()
-        rows = []
-        for e in self._entries.values():
-            r = e.resident
-            if r is not None:
-                rows.append(dict(model=e.model_id, tier="device", nbytes=r.nbytes,
-                                 last_used=now_wall - (now - r.last_used), pinned=e.pinned, in_use=r.leases > 0,
-                                 state="whole", path=None, resident=True, requests=r.leases))
-            elif e.loading is not None:
-                rows.append(dict(model=e.model_id, tier="device", nbytes=0, last_used=now_wall, pinned=False,
-                                 in_use=True, state="loading", path=None, resident=False, requests=e.waiting))
-        return sorted(rows, key=lambda row: row["last_used"])
+        """The device tier's rows of ``GET /v1/cache`` (:func:`sllm.server.report.device_rows`)."""
+        return report.device_rows(self)
 
     def device_stats(self) -> dict[str, Any]:
-        """The device tier's occupancy and hit counters, shaped like :class:`sllm.core.cache.TierStats`
-        (hits: requests that found their model resident; evictions: unloads)."""
-        resident = [e for e in self._entries.values() if e.resident is not None]
-        hits = self.counters["warm_requests"]
-        misses = self.counters["requests"] - hits
-        return dict(tier="device", capacity_bytes=self.config.max_memory_bytes, used_bytes=self.resident_bytes(),
-                    reserved_bytes=0, entries=len(resident), pinned=sum(1 for e in resident if e.pinned),
-                    hits=hits, misses=misses, hit_rate=hits / (hits + misses) if hits + misses else None,
-                    evictions=self.counters["unloads"], path=None)
+        """The device tier's occupancy (:func:`sllm.server.report.device_stats`)."""
+        return report.device_stats(self)
+
+    async def status(self) -> dict[str, Any]:
+        """``GET /status`` (:func:`sllm.server.report.status`)."""
+        return await report.status(self)
+
+    def resident_bytes(self) -> int:
+        return sum(e.resident.nbytes for e in self.entries.values() if e.resident is not None)
+
+    # -- the device tier ------------------------------------------------------------------
 
     def set_pinned(self, model_id: str, pinned: bool) -> None:
         """Pin (never unloaded by keep-alive or the budget) or unpin a resident model.
@@ -222,7 +242,7 @@ class ModelManager:
         Raises:
             NotInTier: the model is not resident.
         """
-        e = self._entries.get(model_id)
+        e = self.entries.get(model_id)
         if e is None or e.resident is None:
             raise NotInTier(f"{model_id}: not resident on this node's device")
         e.pinned = pinned
@@ -233,7 +253,7 @@ class ModelManager:
         Raises:
             NotInTier: not resident. TierConflict: loading, pinned, or requests in flight.
         """
-        e = self._entries.get(model_id)
+        e = self.entries.get(model_id)
         if e is not None and e.loading is not None:
             raise TierConflict(f"{model_id}: loading now; evict it once it is loaded and idle")
         if e is None or e.resident is None:
@@ -263,9 +283,13 @@ class ModelManager:
         """Lease ``model_id``, loading it first if it is not resident.
 
         Raises:
-            ModelNotFound: unknown id. ModelLoadFailed: the load failed (its message says why).
+            ModelNotFound: unknown id. UsageError: a name that can name nothing.
+            ModelLoadFailed: the load failed (its message says why). ShuttingDown: the node
+            began to drain before the model was ready.
         """
-        entry = self.lookup(model_id)
+        if self.closing.is_set():
+            raise ShuttingDown("this node is shutting down; send the request to another node")
+        entry = await self.lookup(model_id)
         arrived = self.clock()
         self.counters["requests"] += 1
         started_load = False
@@ -278,11 +302,19 @@ class ModelManager:
                     entry.loading = asyncio.get_running_loop().create_task(self._load(entry, arrived))
                     entry.loading.add_done_callback(lambda t: t.cancelled() or t.exception())
                     started_load = True
-                await asyncio.shield(entry.loading)
+                load, closing = entry.loading, asyncio.ensure_future(self.closing.wait())
+                try:
+                    await asyncio.wait({asyncio.shield(load), closing}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    closing.cancel()
+                if load.done():
+                    load.result()  # raises ModelLoadFailed
+                elif entry.resident is None:
+                    raise ShuttingDown(f"this node is shutting down; {model_id!r} was not ready yet")
         finally:
             entry.waiting -= 1
             if entry.kind == "cache" and entry.resident is None and entry.loading is None and not entry.waiting:
-                self.scan()  # a failed pull: forget the model unless a tier holds it
+                await self.refresh()  # a failed pull: forget the model unless a tier holds it
         res = entry.resident
         res.leases += 1
         res.last_used = self.clock()
@@ -306,57 +338,83 @@ class ModelManager:
             cold.first_token_seconds = now - lease.resident.loaded_at
             cold.ttft_seconds = now - lease.arrived
 
+    def leases(self) -> int:
+        """Requests holding a model now (all models)."""
+        return sum(e.resident.leases for e in self.entries.values() if e.resident is not None)
+
     # -- loading and unloading ------------------------------------------------------------
 
-    async def _load(self, entry: Entry, arrived: float) -> None:
-        """Load ``entry`` (one at a time across the node) and make it resident.
+    @contextlib.asynccontextmanager
+    async def _queued(self, entry: Entry, resource: str) -> Any:
+        """Hold ``resource`` ("link" or "disk") for the body, waiting in its queue."""
+        sem = self._link if resource == "link" else self._disk
+        self.waits[entry.model_id] = resource
+        try:
+            await sem.acquire()
+        finally:
+            self.waits.pop(entry.model_id, None)
+        try:
+            yield
+        finally:
+            sem.release()
 
-        A local model is loaded from its directory. A cache model is first brought to the
-        node by the tier cache (:meth:`NodeTiers.fetch`: DRAM hit, SSD, or a pull from the
-        remote), then loaded from its DRAM lease or SSD entry. A cache model that failed and
-        that no tier holds leaves the catalogue.
+    async def _load(self, entry: Entry, arrived: float) -> None:
+        """Load ``entry`` and make it resident, each step in its resource's queue.
+
+        A local model: reserve room in the budget, then read it (disk). A cache model: the
+        tier cache brings it to the node first (:meth:`NodeTiers.fetch`: a DRAM hit needs
+        nothing, an SSD entry the disk, a model that no local tier holds the link), then
+        room, then the load (from its DRAM lease: no read; from SSD: the disk). A cache model
+        that failed and that no tier holds leaves the catalogue.
 
         Raises:
             ModelLoadFailed: from any failure, with the cause in the message.
         """
-        phase, fetched = "load", None
+        phase, fetched, reserved = "load", None, 0
         try:
-            if self._warm is not None:
-                await asyncio.shield(self._warm)
+            if self.warm is not None:
+                await asyncio.shield(self.warm)
             if entry.unloading is not None:
                 await entry.unloading
-            async with self._loader_lock:
-                tier, pull_seconds, fetched_bytes = "local", 0.0, 0
-                if entry.kind == "local":
-                    ckpt = await asyncio.to_thread(open_checkpoint, entry.path)
-                    nbytes = ckpt.manifest.total_bytes
-                    await self._make_room(entry, nbytes)
+            tier, pull_seconds, fetched_bytes = "local", 0.0, 0
+            if entry.kind == "local":
+                ckpt = await self.in_meta(open_checkpoint, entry.path)
+                nbytes = ckpt.manifest.total_bytes
+                reserved = await self._make_room(entry, nbytes)
+                queue_seconds = self.clock() - arrived
+                async with self._queued(entry, "disk"):
                     queue_seconds = self.clock() - arrived
                     t0 = self.clock()
-                else:
-                    assert self.tiers is not None
+                    model, tokenizer, engine = await self._in_load(self._load_blocking, entry, None)
+            else:
+                assert self.tiers is not None
+                where = await self.in_meta(self.tiers.local_tier, entry.model_id)
+                phase = "pull"
+                resource = {"dram": None, "ssd": "disk"}.get(where, "link")
+                async with self._queued(entry, resource) if resource else contextlib.nullcontext():
                     queue_seconds = self.clock() - arrived
                     t0 = self.clock()
-                    phase = "pull"
-                    fetched = await asyncio.to_thread(self.tiers.fetch, entry.model_id)
-                    phase = "load"
-                    tier, pull_seconds, fetched_bytes = fetched.source, fetched.pull_seconds, fetched.fetched_bytes
-                    nbytes = fetched.nbytes
-                    room = self.clock()
-                    await self._make_room(entry, nbytes)
+                    fetched = await self._in_load(self.tiers.fetch, entry.model_id)
+                phase = "load"
+                tier, pull_seconds, fetched_bytes = fetched.source, fetched.pull_seconds, fetched.fetched_bytes
+                room = self.clock()
+                nbytes = fetched.nbytes
+                reserved = await self._make_room(entry, nbytes)
+                async with self._queued(entry, "disk") if fetched.lease is None else contextlib.nullcontext():
                     queue_seconds += self.clock() - room
                     t0 += self.clock() - room
-                model, tokenizer, engine = await asyncio.to_thread(self._load_blocking, entry, fetched)
-                now = self.clock()
+                    model, tokenizer, engine = await self._in_load(self._load_blocking, entry, fetched)
+            now = self.clock()
         except Exception as exc:
             self.counters["load_failures"] += 1
             log.warning("loading %s failed: %s", entry.model_id, exc, exc_info=not isinstance(exc, SllmError))
             what = str(exc) if isinstance(exc, SllmError) else f"{type(exc).__name__}: {exc}"
             if phase == "pull":
-                remote = self.config.cache.remote_url if self.config.cache is not None else None
+                remote = redact_url(self.config.cache.remote_url) if self.config.cache is not None else None
                 what = f"it is in no tier of this node and pulling it from {remote or 'the remote'} failed: {what}"
             raise ModelLoadFailed(f"model {entry.model_id!r} failed to load: {what}", phase=phase) from exc
         finally:
+            self.reserved -= reserved
             entry.loading = None
             if fetched is not None:
                 fetched.close()
@@ -375,52 +433,25 @@ class ModelManager:
             fetched_bytes=fetched_bytes,
         )
         self.counters["loads"] += 1
-        self.trim_pool()
+        await self.trim_pool()
         log.info("loaded %s (%d bytes, from %s) in %.3f s", entry.model_id, nbytes, tier, now - t0)
 
     def _load_blocking(self, entry: Entry, fetched: Fetched | None = None) -> tuple[Any, Any, Any]:
-        """Worker thread: weights (loader) and tokenizer in parallel, then the engine.
+        """Worker thread: :func:`sllm.server.loading.load_blocking` with this node's loader."""
+        return load_blocking(entry, fetched, config=self.config, pool=self.pool, tiers=self.tiers,
+                             loader=self._loader, release=self._release, make_engine=self._engine)
 
-        A local entry loads from its directory with the manager's loader; a cache entry
-        from ``fetched`` (:meth:`NodeTiers.source`).
-        """
+    def _engine(self, model: Any, entry: Entry) -> Any:
+        """The engine that generates with ``model`` (worker thread)."""
         from sllm.core.engine import Engine
 
-        with contextlib.ExitStack() as stack:
-            if fetched is None:
-                assert entry.path is not None
-                path = entry.path
-                load_weights = lambda: self._loader(path, self.config, self.pool)  # noqa: E731
-            else:
-                assert self.tiers is not None
-                path, load_weights = stack.enter_context(self.tiers.source(
-                    fetched, device=self.config.device, pool=self.pool, threads=self.config.loader_threads,
-                    direct_io=self.config.direct_io))
-            import_model_code(path)
-            box: dict[str, Any] = {}
+        return Engine(model, name=entry.model_id)
 
-            def tokenizer() -> None:
-                try:
-                    from transformers import AutoTokenizer
-
-                    box["tokenizer"] = AutoTokenizer.from_pretrained(path)
-                except Exception as exc:
-                    box["error"] = exc
-
-            t = threading.Thread(target=tokenizer, name=f"sllm-tokenizer-{entry.model_id}")
-            t.start()
-            try:
-                model = load_weights()
-            finally:
-                t.join()
-            if "error" in box:
-                self._release(model)
-                where = entry.path or entry.model_id
-                raise CheckpointError(f"{where}: cannot load the tokenizer: {box['error']}") from box["error"]
-        return model, box["tokenizer"], Engine(model, name=entry.model_id)
-
-    async def _make_room(self, entry: Entry, nbytes: int) -> None:
-        """Unload least recently used idle models until ``nbytes`` more fit the budget.
+    async def _make_room(self, entry: Entry, nbytes: int) -> int:
+        """Reserve ``nbytes`` of the memory budget for ``entry``'s load, unloading least
+        recently used idle models until they fit beside the resident ones and the other
+        loads' reservations; returns the bytes reserved (the caller gives them back when
+        the load ends, whichever way). Waits in no resource's queue.
 
         Raises:
             CacheError: the model alone exceeds the budget, or leased models keep it full
@@ -428,24 +459,30 @@ class ModelManager:
         """
         cap = self.config.max_memory_bytes
         if cap is None:
-            return
+            return 0
         if nbytes > cap:
             raise CacheError(f"it needs {nbytes} bytes and --max-memory is {cap} bytes")
         deadline = time.monotonic() + BUDGET_WAIT_SECONDS
-        while self.resident_bytes() + nbytes > cap:
-            idle = [e for e in self._entries.values()
-                    if e.resident is not None and e.resident.leases == 0 and not e.pinned]
-            if idle:
-                await self._unload(min(idle, key=lambda e: e.resident.last_used), "memory budget")
-                continue
-            if time.monotonic() > deadline:
-                raise CacheError(
-                    f"it needs {nbytes} bytes, and models in use or pinned hold {self.resident_bytes()} of the "
-                    f"--max-memory {cap} bytes"
-                )
-            self._released.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._released.wait(), timeout=1.0)
+        self.waits[entry.model_id] = "memory"
+        try:
+            while self.resident_bytes() + self.reserved + nbytes > cap:
+                idle = [e for e in self.entries.values()
+                        if e.resident is not None and e.resident.leases == 0 and not e.pinned]
+                if idle:
+                    await self._unload(min(idle, key=lambda e: e.resident.last_used), "memory budget")
+                    continue
+                if time.monotonic() > deadline or self.closing.is_set():
+                    raise CacheError(
+                        f"it needs {nbytes} bytes, and models in use, loading or pinned hold "
+                        f"{self.resident_bytes() + self.reserved} of the --max-memory {cap} bytes"
+                    )
+                self._released.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._released.wait(), timeout=1.0)
+        finally:
+            self.waits.pop(entry.model_id, None)
+        self.reserved += nbytes
+        return nbytes
 
     async def _unload(self, entry: Entry, reason: str) -> bool:
         """Unload ``entry`` if it is resident and idle; True when it did. Its weights' DRAM
@@ -456,13 +493,14 @@ class ModelManager:
         entry.resident = None
         entry.cold = None
         entry.pinned = False
-        entry.unloading = asyncio.ensure_future(asyncio.to_thread(self._unload_blocking, res))
+        entry.unloading = asyncio.ensure_future(self._in_load(self._unload_blocking, res))
         try:
             await entry.unloading
         finally:
             entry.unloading = None
         self.counters["unloads"] += 1
-        self.trim_pool()
+        self._released.set()
+        await self.trim_pool()
         log.info("unloaded %s (%s)", entry.model_id, reason)
         return True
 
@@ -471,24 +509,29 @@ class ModelManager:
         self._release(res.model)
         res.model = res.engine = None
 
-    def trim_pool(self) -> None:
+    async def trim_pool(self) -> None:
         """Keep idle pooled buffers only while resident models + pool stay within the budget,
         and, with a DRAM tier, while they fit in its free room (buffers the tier evicts go
-        back to the pool: its capacity bounds them too)."""
-        free = self.pool.stats().free_bytes
+        back to the pool: its capacity bounds them too). Unmapping runs in a metadata thread."""
         cap = self.config.max_memory_bytes
+        resident = self.resident_bytes() + self.reserved
         dram = self.tiers.cache.dram if self.tiers is not None else None
-        if cap is not None and self.resident_bytes() + free > cap:
-            self.pool.clear()
-        elif dram is not None:
-            st = dram.stats()
-            if free > dram.capacity_bytes - st.used_bytes - st.reserved_bytes:
+
+        def blocking() -> None:
+            free = self.pool.stats().free_bytes
+            if cap is not None and resident + free > cap:
                 self.pool.clear()
+            elif dram is not None:
+                st = dram.stats()
+                if free > dram.capacity_bytes - st.used_bytes - st.reserved_bytes:
+                    self.pool.clear()
+
+        await self.in_meta(blocking)
 
     async def reap(self) -> list[str]:
         """Unload every model idle for ``keep_alive_seconds``; returns their ids."""
         now, done = self.clock(), []
-        for e in list(self._entries.values()):
+        for e in list(self.entries.values()):
             r = e.resident
             if r is not None and r.leases == 0 and not e.pinned and now - r.last_used >= self.config.keep_alive_seconds:
                 if await self._unload(e, "keep-alive"):
@@ -511,89 +554,32 @@ class ModelManager:
         per architecture; DESIGN.md)."""
         loop = asyncio.get_running_loop()
         self._reaper = loop.create_task(self._reap_forever())
-        paths = [e.path for e in self._entries.values() if e.path is not None]
-        if self.tiers is not None:
-            ssd = self.tiers.cache.ssd
-            paths += [ssd.path_of(mid) for mid, e in self._entries.items() if e.kind == "cache" and ssd.has(mid)]
+        paths = [e.path for e in self.entries.values() if e.path is not None]
+        cache_ids = [mid for mid, e in self.entries.items() if e.kind == "cache"]
+        ssd = self.tiers.cache.ssd if self.tiers is not None else None
 
         def warm() -> None:
-            for p in paths:
+            for p in paths + ([ssd.path_of(mid) for mid in cache_ids if ssd.has(mid)] if ssd is not None else []):
                 import_model_code(p)
             warm_device(self.config.device)
 
-        self._warm = loop.run_in_executor(None, warm)
+        self.warm = loop.run_in_executor(self._meta_threads, warm)
 
     async def close(self) -> None:
         """Stop the reaper and unload every model (requests still running end "cancelled")."""
+        self.closing.set()
         if self._reaper is not None:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
-        for e in list(self._entries.values()):
+        for e in list(self.entries.values()):
             if e.resident is not None:
                 e.resident.leases = 0
                 await self._unload(e, "shutdown")
         if self.tiers is not None:
             self.tiers.close()
-
-    # -- status ---------------------------------------------------------------------------
-
-    def status(self) -> dict[str, Any]:
-        """The node's state for ``GET /status`` (JSON-ready; seconds and bytes).
-
-        ``models``: every model this node holds somewhere, with its tiers (:meth:`tiers_of`);
-        ``resident``: the device tier (``loaded_from``: the tier the load read); ``cache``:
-        the tier cache's directory, remote and per-tier occupancy (None without a cache).
-        """
-        now = self.clock()
-        resident, loading = [], []
-        cached = self.tiers.cached() if self.tiers is not None else {}
-        for mid in sorted(self._entries):
-            e = self._entries[mid]
-            if e.loading is not None:
-                loading.append({"model": mid, "waiting_requests": e.waiting})
-            r = e.resident
-            if r is None:
-                continue
-            resident.append(
-                {
-                    "model": mid,
-                    "nbytes": r.nbytes,
-                    "tiers": self.tiers_of(mid, cached),
-                    "loaded_from": r.tier,
-                    "pinned": e.pinned,
-                    "load_seconds": r.load_seconds,
-                    "resident_seconds": now - r.loaded_at,
-                    "idle_seconds": 0.0 if r.leases else now - r.last_used,
-                    "requests": [
-                        {"id": g.id, "prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens}
-                        for g in r.engine.active()
-                    ],
-                }
-            )
-        pool = self.pool.stats()
-        models = [{"model": mid, "source": self._entries[mid].kind if mid in self._entries else "cache",
-                   "tiers": self.tiers_of(mid, cached)}
-                  for mid in sorted(set(self._entries) | set(cached))]
-        cache = None
-        if self.tiers is not None:
-            cache = {"cache_dir": str(self.tiers.cache.ssd.root), "remote": self.tiers.config.remote_url,
-                     "tiers": [dataclasses.asdict(t) for t in self.tiers.cache.stats()]}
-        return {
-            "uptime_seconds": now - self.started,
-            "device": self.config.device,
-            "imports_ready": self._warm is not None and self._warm.done(),
-            "keep_alive_seconds": self.config.keep_alive_seconds,
-            "max_memory_bytes": self.config.max_memory_bytes,
-            "resident_bytes": self.resident_bytes(),
-            "pool_free_bytes": pool.free_bytes,
-            "models": models,
-            "resident": resident,
-            "loading": loading,
-            "cache": cache,
-            "last_cold_start": None if self.last_cold is None else dataclasses.asdict(self.last_cold),
-            "counters": dict(self.counters),
-        }
+        self._load_threads.shutdown(wait=False, cancel_futures=True)
+        self._meta_threads.shutdown(wait=False, cancel_futures=True)
 
 
 def _default_loader(path: Path, config: ServeConfig, pool: Any) -> Any:

@@ -4,6 +4,8 @@ Requests follow OpenAI's ``/v1/completions`` and ``/v1/chat/completions``: the f
 sllm acts on are declared with their ranges, unknown fields are accepted and ignored (as
 clients send many), and fields sllm cannot honour (``n > 1``, ``echo``, ``logprobs``,
 ``best_of > 1``, tools) are rejected with a 400 naming them rather than silently dropped.
+The declared types and bounds are what the node enforces, so the OpenAPI schema built from
+them tells a schema-driven client the truth.
 
 Errors use OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
 This module holds no logic beyond shapes and ranges; the routes are ``app.py``.
@@ -13,13 +15,21 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 #: OpenAI's default ``max_tokens`` for completions; chat defaults to the rest of the context.
 DEFAULT_COMPLETION_MAX_TOKENS = 16
+#: Stop strings: at most this many (as OpenAI), each at most MAX_STOP_CHARS characters
+#: (``RequestLimits`` enforces the node's values; these are the schema's).
 MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 256
+#: The schema's bound on a model name (the node refuses names over 200 UTF-8 bytes with a 400).
+MAX_MODEL_NAME_CHARS = 200
+#: The schema's bounds on prompts (``RequestLimits`` defaults).
+MAX_PROMPT_CHARS = 1_000_000
+MAX_MESSAGES = 512
 
 
 class StreamOptions(BaseModel):
@@ -32,111 +42,135 @@ class _SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, max_length=MAX_MODEL_NAME_CHARS)
     max_tokens: int | None = Field(None, ge=1, description="tokens to generate at most")
     temperature: float = Field(1.0, ge=0, le=2, description="0 is greedy")
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
-    stop: str | list[str] | None = None
+    stop: (Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+           | Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]],
+                       Field(max_length=MAX_STOP_SEQUENCES)]
+           | None) = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
-    logprobs: Any = None
+    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    logprobs: Literal[False] | None = Field(None, description="not supported: null or false")
     user: str | None = None
 
     @field_validator("stop")
     @classmethod
-    def _check_stop(cls, v: str | list[str] | None) -> list[str]:
-        stops = [] if v is None else [v] if isinstance(v, str) else list(v)
-        if len(stops) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
-        if any(not s for s in stops):
-            raise ValueError("stop sequences must be non-empty strings")
-        return stops
+    def _stop_list(cls, v: str | list[str] | None) -> list[str]:
+        return [] if v is None else [v] if isinstance(v, str) else list(v)
 
-    @field_validator("n")
+    # Before-validators: the schema states each constraint; these word its message.
+    @field_validator("n", mode="before")
     @classmethod
-    def _check_n(cls, v: int) -> int:
-        if v != 1:
+    def _only_n_1(cls, v: Any) -> Any:
+        if v not in (1, None) or v is True:
             raise ValueError("only n=1 is supported")
-        return v
+        return 1
 
-    @field_validator("logprobs")
+    @field_validator("logprobs", mode="before")
     @classmethod
-    def _check_logprobs(cls, v: Any) -> Any:
-        if v not in (None, False):
-            raise ValueError("logprobs are not supported")
-        return v
+    def _no_logprobs(cls, v: Any) -> Any:
+        return _unsupported(v, (None, False), "logprobs are not supported")
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+def _unsupported(v: Any, allowed: tuple[Any, ...], message: str) -> Any:
+    if any(v is a or (type(v) is type(a) and v == a) for a in allowed):
+        return v
+    raise ValueError(message)
+
+
 class CompletionRequest(_SamplingFields):
     """``POST /v1/completions``: one prompt, as text or token ids."""
 
-    prompt: str | list[int] | list[str]
-    echo: bool = False
-    best_of: int | None = None
-    suffix: str | None = None
+    prompt: (Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+             | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+             | Annotated[list[Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]], Field(min_length=1, max_length=1)])
+    echo: Literal[False] = Field(False, description="not supported: false only")
+    best_of: Literal[1] | None = Field(None, description="not supported: 1 or null only")
+    suffix: Literal[""] | None = Field(None, description="not supported: empty or null only")
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt_only(cls, v: Any) -> Any:
+        if isinstance(v, list) and len(v) > 1 and all(isinstance(x, str) for x in v):
+            raise ValueError("one prompt per request (a list of several prompts is not supported)")
+        return v
 
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, v: str | list[int] | list[str]) -> str | list[int]:
         if isinstance(v, list) and v and isinstance(v[0], str):
-            if len(v) != 1:
-                raise ValueError("one prompt per request (a list of several prompts is not supported)")
             return v[0]
-        if isinstance(v, list) and any(t < 0 for t in v):
-            raise ValueError("token ids must be >= 0")
         return v
 
-    @model_validator(mode="after")
-    def _unsupported(self) -> CompletionRequest:
-        if self.echo:
-            raise ValueError("echo is not supported")
-        if self.best_of not in (None, 1):
-            raise ValueError("best_of > 1 is not supported")
-        if self.suffix:
-            raise ValueError("suffix is not supported")
-        return self
+    @field_validator("echo", mode="before")
+    @classmethod
+    def _no_echo(cls, v: Any) -> Any:
+        return _unsupported(v, (False, None), "echo is not supported")
+
+    @field_validator("best_of", mode="before")
+    @classmethod
+    def _no_best_of(cls, v: Any) -> Any:
+        return _unsupported(v, (1, None), "best_of > 1 is not supported")
+
+    @field_validator("suffix", mode="before")
+    @classmethod
+    def _no_suffix(cls, v: Any) -> Any:
+        return _unsupported(v, ("", None), "suffix is not supported")
+
+
+class TextPart(BaseModel):
+    """A content part of a chat message: text only."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[TextPart] | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, v: Any) -> Any:
+        for part in v if isinstance(v, list) else ():
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if kind != "text":
+                raise ValueError(f"content part of type {kind!r} is not supported (text only)")
+        return v
 
     def text(self) -> str:
-        """The message's text; content parts other than text are refused.
-
-        Raises:
-            ValueError: a non-text content part.
-        """
+        """The message's text (its text parts joined)."""
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
-        parts = []
-        for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ValueError(f"content part of type {part.get('type')!r} is not supported (text only)")
-            parts.append(part["text"])
-        return "".join(parts)
+        return "".join(part.text for part in self.content)
 
 
 class ChatCompletionRequest(_SamplingFields):
     """``POST /v1/chat/completions``."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(None, ge=1)
-    tools: list[Any] | None = None
+    tools: Annotated[list[Any], Field(max_length=0)] | None = Field(None, description="not supported: empty or null")
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _no_tools(cls, v: Any) -> Any:
+        if v:
+            raise ValueError("tools are not supported")
+        return v
 
     @model_validator(mode="after")
-    def _unsupported(self) -> ChatCompletionRequest:
-        if self.tools:
-            raise ValueError("tools are not supported")
-        for m in self.messages:
-            m.text()
+    def _max_completion_tokens(self) -> ChatCompletionRequest:
         if self.max_tokens is None and self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
         return self
@@ -145,6 +179,19 @@ class ChatCompletionRequest(_SamplingFields):
 # ---------------------------------------------------------------------------------------
 # Responses
 # ---------------------------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape (the schema of every 4xx and 5xx)."""
+
+    error: ErrorDetail
 
 
 def error_body(

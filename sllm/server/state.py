@@ -13,10 +13,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sllm.errors import CacheError, ServerError, SllmError
+from sllm.errors import CacheError, ServerError, SllmError, UsageError
 
 if TYPE_CHECKING:
     from sllm.core.cache import CacheConfig
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask, enforced before any work (over a limit: 413 for the body,
+    400 for the rest, one line naming the limit).
+
+    Attributes:
+        max_body_bytes: largest request body, bytes (default 2 MiB; ``--max-body-bytes``).
+            Checked against ``Content-Length`` before the body is read, and counted while
+            a chunked body arrives.
+        max_prompt_chars: longest text prompt, or all chat messages together, in characters
+            (default 1,000,000); the token count is then bounded by the model's context.
+        max_messages: most chat messages in one request (default 512).
+        max_stop_sequences: most stop strings (default 4, as OpenAI).
+        max_stop_chars: longest stop string, characters (default 256).
+    """
+
+    max_body_bytes: int = 2 * 1024 * 1024
+    max_prompt_chars: int = 1_000_000
+    max_messages: int = 512
+    max_stop_sequences: int = 4
+    max_stop_chars: int = 256
 
 
 @dataclass(frozen=True)
@@ -30,7 +53,13 @@ class ServeConfig:
         keep_alive_seconds: idle seconds before a resident model is unloaded. Default 300.
         max_memory_bytes: most bytes of resident model weights (sum of checkpoint sizes);
             None for no limit. Least recently used idle models unload to make room.
-        api_key: when set, every route but ``/health`` needs ``Authorization: Bearer <key>``.
+        api_key: when set, every route but ``/health`` needs ``Authorization: Bearer <key>``
+            (ASCII only; compared as bytes in constant time).
+        admin_key: the key of the cache routes (``/v1/cache/...``: pin, evict, pull) and
+            ``/status``; None (default): the same as ``api_key``.
+        drain_seconds: on SIGTERM, how long generations in flight may run to their end
+            before they are ended with an error event, seconds (default 30).
+        limits: :class:`RequestLimits`.
         reap_interval_seconds: how often idle models are checked; default
             ``min(1, keep_alive_seconds / 4)``.
         loader_threads: reader threads per partition (None: the loader's default).
@@ -44,10 +73,18 @@ class ServeConfig:
     keep_alive_seconds: float = 300.0
     max_memory_bytes: int | None = None
     api_key: str | None = None
+    admin_key: str | None = None
+    drain_seconds: float = 30.0
+    limits: RequestLimits = field(default_factory=RequestLimits)
     reap_interval_seconds: float | None = None
     loader_threads: int | None = None
     direct_io: bool | None = None
     cache: CacheConfig | None = None
+
+    def __post_init__(self) -> None:
+        for flag, key in (("--api-key", self.api_key), ("--admin-key", self.admin_key)):
+            if key is not None and (not key.isascii() or not key.isprintable() or not key.strip()):
+                raise UsageError(f"{flag}: use printable ASCII characters only (HTTP headers carry ASCII)")
 
 
 class ModelNotFound(SllmError):
@@ -60,6 +97,10 @@ class TierConflict(CacheError):
 
 class NotInTier(CacheError):
     """The model is not in the tier(s) asked about, or the node has no such tier (404)."""
+
+
+class ShuttingDown(ServerError):
+    """The node is draining for shutdown and takes no new work (the app answers 503)."""
 
 
 class ModelLoadFailed(ServerError):

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from sllm.errors import UsageError
+
 REPLACEMENT = "\ufffd"
 
 
@@ -23,10 +25,17 @@ def chat_prompt(tokenizer: Any, messages: list[tuple[str, str]]) -> str:
     Uses ``tokenizer.apply_chat_template(..., add_generation_prompt=True)`` when the
     tokenizer has a template; otherwise a transcript, one ``role: content`` line per
     message, ending with ``assistant:``.
+
+    Raises:
+        UsageError: the template refuses the messages (templates raise on roles or orders
+            they do not allow, e.g. "Conversation roles must alternate").
     """
     if getattr(tokenizer, "chat_template", None):
         msgs = [{"role": r, "content": c} for r, c in messages]
-        return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        try:
+            return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # jinja2's TemplateError and raise_exception(), and template bugs
+            raise UsageError(f"messages: this model's chat template refuses them: {exc}") from exc
     return "".join(f"{role}: {content}\n" for role, content in messages) + "assistant:"
 
 

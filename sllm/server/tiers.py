@@ -131,6 +131,19 @@ class NodeTiers:
         except OSError:
             return None
 
+    def local_tier(self, model: str) -> str | None:
+        """The fastest local tier holding ``model`` whole ("dram" or "ssd"), or None. Blocking
+        (the SSD tier's state)."""
+        return self.cache.locate(model, check_remote=False).fastest
+
+    def remote_has(self, model: str) -> bool:
+        """True when the remote holds ``model`` (one request for its manifest). Blocking.
+
+        Raises:
+            RemoteError: the remote cannot be reached.
+        """
+        return "remote" in self.cache.locate(model).tiers
+
     @staticmethod
     def valid_name(model: str) -> bool:
         """True when ``model`` can name a cache entry (``name`` or ``org/name``)."""

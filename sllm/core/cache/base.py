@@ -180,6 +180,9 @@ class TierStats:
 
 #: One ``/``-separated part of a model name.
 NAME_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+#: The longest model name, bytes: an entry's directory name, its lock files' suffixes and a
+#: temporary's prefix and pid must fit in a directory entry's 255 bytes.
+MAX_NAME_BYTES = 200
 
 
 def entry_name(model: str) -> str:
@@ -187,8 +190,11 @@ def entry_name(model: str) -> str:
 
     Raises:
         UsageError: a name with an empty part, a part that starts with ``.`` or ``-``,
-            characters other than letters, digits, ``._-``, or ``--`` inside a part.
+            characters other than letters, digits, ``._-``, or ``--`` inside a part; a name
+            longer than :data:`MAX_NAME_BYTES` bytes (checked first, before any filesystem call).
     """
+    if len(model.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        raise UsageError(f"model name of {len(model.encode('utf-8', 'surrogatepass'))} bytes: at most {MAX_NAME_BYTES}")
     parts = model.split("/")
     if not all(NAME_PART.fullmatch(p) and "--" not in p for p in parts):
         raise UsageError(

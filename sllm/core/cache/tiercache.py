@@ -58,7 +58,7 @@ class TierCache:
         self.ssd = SsdTier(config.cache_dir, config.ssd_capacity_bytes, fsync=config.fsync)
         self.dram = DramTier(config.dram_capacity_bytes, pool) if config.dram_capacity_bytes > 0 else None
         self._remote = remote
-        self._model_locks: dict[str, threading.Lock] = {}
+        self._model_locks: dict[str, tuple[threading.Lock, int]] = {}  # model -> (lock, users)
         self._locks_lock = threading.Lock()
 
     def remote(self) -> Remote:
@@ -78,9 +78,23 @@ class TierCache:
         if self._remote is not None:
             self._remote.close()
 
-    def _model_lock(self, model: str) -> threading.Lock:
+    @contextlib.contextmanager
+    def _model_lock(self, model: str) -> Iterator[None]:
+        """Hold this process's lock of ``model``; the entry lives only while someone holds
+        or waits for it (names asked for once cost nothing that lasts)."""
         with self._locks_lock:
-            return self._model_locks.setdefault(model, threading.Lock())
+            lock, users = self._model_locks.get(model, (threading.Lock(), 0))
+            self._model_locks[model] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._locks_lock:
+                lock, users = self._model_locks[model]
+                if users == 1:
+                    del self._model_locks[model]
+                else:
+                    self._model_locks[model] = (lock, users - 1)
 
     # -- queries ------------------------------------------------------------------------
 
@@ -235,6 +249,8 @@ class TierCache:
                     nbytes = lease.manifest.total_bytes
                     return self._result(model, "dram", nbytes, 0, started, []), lease
                 self.dram.misses += 1
+            if not self.ssd.has(model):
+                self._check_remote_has(model)  # before the pull lock: an unknown name leaves no lock file
             with self.ssd.pull_lock(model):
                 if self.ssd.has(model):
                     self.ssd.count("hits", touch=model)
@@ -244,6 +260,11 @@ class TierCache:
                     return self._result(model, "ssd", nbytes, 0, started, evicted), lease
                 return self._remote_pull(model, dram=dram, started=started, on_progress=on_progress,
                                          dram_optional=dram_optional)
+
+    def _check_remote_has(self, model: str) -> None:
+        """Raises: CacheError: no remote. RemoteError: it does not hold ``model`` (marked
+        ``not_found``) or cannot be reached."""
+        self.remote().size(f"{model}/{MANIFEST_FILE}")
 
     def _result(self, model: str, source: str, nbytes: int, fetched: int, started: float,
                 evicted: list[str]) -> PullResult:
