@@ -29,6 +29,7 @@ class Node:
     url: str
     app: object
     loop: asyncio.AbstractEventLoop | None = None
+    server: object = None
 
     def call(self, coro, seconds: float = 120):
         """Run ``coro`` on the server's event loop (where the model manager lives); its result."""
@@ -45,16 +46,20 @@ class Node:
 
 
 @contextlib.contextmanager
-def running(models_dir: Path | None, *, clock=None, **config) -> Iterator[Node]:
+def running(models_dir: Path | None, *, clock=None, loader=None, **config) -> Iterator[Node]:
     """A real server for ``models_dir`` (None: its tier cache only, ``cache=CacheConfig(...)``)
-    on a free loopback port, in a background thread; ``clock`` is the manager's clock."""
-    import uvicorn
+    on a free loopback port, in a background thread, drained on exit as ``sllm serve`` is;
+    ``clock`` is the manager's clock, ``loader`` its loader."""
+    from sllm.server.app import NodeServer, uvicorn_config
+    from sllm.server.models import ModelManager
 
     config = ServeConfig(models_dir=Path(models_dir) if models_dir is not None else None, **config)
-    app = create_app(config, **({"clock": clock} if clock is not None else {}))
+    kw = {"clock": clock} if clock is not None else {}
+    manager = ModelManager(config, loader=loader, **kw) if loader is not None else None
+    app = create_app(config, manager=manager, **kw)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = NodeServer(uvicorn_config(app, config.drain_seconds, log_level="warning"), app, config.drain_seconds)
     loops: list[asyncio.AbstractEventLoop] = []
 
     async def serve() -> None:
@@ -68,7 +73,7 @@ def running(models_dir: Path | None, *, clock=None, **config) -> Iterator[Node]:
         assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
         time.sleep(0.02)
     try:
-        yield Node(f"http://127.0.0.1:{sock.getsockname()[1]}", app, loops[0])
+        yield Node(f"http://127.0.0.1:{sock.getsockname()[1]}", app, loops[0], server)
     finally:
         server.should_exit = True
         thread.join(60)
