@@ -116,8 +116,9 @@ def test_oversized_bodies_are_413_and_tokenizing_never_blocks_the_loop(models_di
         r = httpx.post(n.url + "/v1/completions", json=big, timeout=HTTP_SECONDS)
         assert r.status_code == 413 and "over this node's limit" in r.json()["error"]["message"]
         data = json.dumps(big).encode()
-        chunked = httpx.post(n.url + "/v1/completions", content=iter([data[i:i + 2**20] for i in range(0, len(data), 2**20)]),
-                             headers={"content-type": "application/json"}, timeout=HTTP_SECONDS)
+        pieces = iter([data[i : i + 2**20] for i in range(0, len(data), 2**20)])  # chunked: no Content-Length
+        chunked = httpx.post(n.url + "/v1/completions", content=pieces, headers={"content-type": "application/json"},
+                             timeout=HTTP_SECONDS)
         assert chunked.status_code == 413
 
         assert post(n.url, model="gpt2-a").status_code == 200  # resident; now hold its tokenizer
