@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sllm-installed
 
-.PHONY: demo test man clean
+.PHONY: demo test fuzz man clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,6 +19,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# schemathesis against a real `sllm serve` on a tiny model: fails on any 500 or schema violation.
+fuzz: $(STAMP)
+	$(PY) tools/schema_fuzz.py --max-examples 10 --seconds 90
 
 man: $(STAMP)
 	$(PY) tools/gen_man.py

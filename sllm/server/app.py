@@ -238,5 +238,9 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     schemas_ = spec.setdefault("components", {}).setdefault("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
         schemas_.pop(name, None)
+    served = sorted(app.state.manager.entries)  # examples a client (or a fuzzer) can use as they are
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        if served and name in schemas_:
+            schemas_[name]["properties"]["model"]["examples"] = served
     app.openapi_schema = spec
     return spec

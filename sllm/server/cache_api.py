@@ -77,8 +77,10 @@ def add_cache_routes(app: FastAPI, manager: ModelManager, error: Any) -> None:
             raise UsageError("this node has no tier cache to pull into (start `sllm serve` with --cache-dir)")
         cache = manager.tiers.cache
         [target] = _tiers(manager, tier or ("dram" if cache.dram is not None else "ssd"), allowed=("dram", "ssd"))
-        if not check_model_name(model):
-            return error(404, f"model {model[:80]!r} not found", param="model", code="model_not_found")
+        if not check_model_name(model) or (not manager.tiers.has_remote
+                                           and await manager.in_meta(manager.tiers.local_tier, model) is None):
+            return error(404, f"model {model[:80]!r} not found (in no tier of this node, and no remote to pull from)",
+                         param="model", code="model_not_found")
         try:
             result = await manager.in_pull(cache.pull, model, dram=target == "dram")
         except (RemoteError, CheckpointError, CacheError) as exc:

@@ -33,14 +33,14 @@ MAX_MESSAGES = 512
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     include_usage: bool = False
 
 
 class _SamplingFields(BaseModel):
     """The fields both endpoints share."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str = Field(min_length=1, max_length=MAX_MODEL_NAME_CHARS)
     max_tokens: int | None = Field(None, ge=1, description="tokens to generate at most")
@@ -66,7 +66,7 @@ class _SamplingFields(BaseModel):
     @field_validator("n", mode="before")
     @classmethod
     def _only_n_1(cls, v: Any) -> Any:
-        if v not in (1, None) or v is True:
+        if v != 1 or isinstance(v, bool):
             raise ValueError("only n=1 is supported")
         return 1
 
@@ -129,13 +129,13 @@ class CompletionRequest(_SamplingFields):
 class TextPart(BaseModel):
     """A content part of a chat message: text only."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
 
