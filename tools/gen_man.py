@@ -85,6 +85,9 @@ GLOBAL_ENV: list[tuple[str, str]] = [
     ("SLLM_DEBUG", "Set to 1 to show the Python traceback of an error instead of the one-line message."),
     ("SLLM_HUGEPAGES",
      "Set to 0 to stop advising transparent huge pages (MADV_HUGEPAGE) for the loader's host buffers (default: advised)."),
+    ("SLLM_REMOTE_TIMEOUT", "Seconds a remote may take to connect or to send the next bytes (default 30)."),
+    ("SLLM_REMOTE_STALL_SECONDS",
+     "A pull that moves under 64 KiB in this many seconds fails as stalled (default 60)."),
 ]
 
 
