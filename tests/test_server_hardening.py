@@ -386,3 +386,24 @@ def test_openapi_states_400_not_422_and_the_error_responses(models_dir):
     assert "ErrorResponse" in spec["components"]["schemas"]
     fields = spec["components"]["schemas"]["CompletionRequest"]["properties"]
     assert fields["n"]["maximum"] == 1
+
+
+def test_an_unexpected_error_mid_stream_is_an_error_event_then_done(models_dir):
+    with running(models_dir) as n:
+        assert post(n.url, model="gpt2-a").status_code == 200
+        tokenizer = n.app.state.manager.entries["gpt2-a"].resident.tokenizer
+        decode = tokenizer.decode
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("a bug in detokenization")
+
+        tokenizer.decode = broken
+        try:
+            events, started = [], threading.Event()
+            _stream(n.url, events, started, 8)
+        finally:
+            tokenizer.decode = decode
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["error"]["message"] == "internal error: RuntimeError"
+        assert post(n.url, model="gpt2-a").status_code == 200  # the node carries on; the lease came back
+        wait_for(lambda: n.status()["resident"][0]["requests"] == [], "the broken stream's generation to end")
