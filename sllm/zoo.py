@@ -90,6 +90,54 @@ ARCHITECTURES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+_TINY_DECODER = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=8, vocab_size=128, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)
+
+#: name -> (model_type, config keyword arguments, transformers class): one tiny model (2 layers,
+#: 32 wide, 128-token vocabulary, a few KB) of each family whose loading rules sllm is tested
+#: against (``tests/test_architectures.py``).
+TINY_ARCHITECTURES: dict[str, tuple[str, dict[str, Any], str]] = {
+    "gpt2": ("gpt2", dict(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=128, bos_token_id=1,
+                          eos_token_id=2), "GPT2LMHeadModel"),
+    "opt": ("opt", dict(hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4, vocab_size=128,
+                        max_position_embeddings=64, word_embed_proj_dim=32, bos_token_id=1, eos_token_id=2,
+                        pad_token_id=0), "OPTForCausalLM"),
+    "llama": ("llama", _TINY_DECODER, "LlamaForCausalLM"),
+    "mistral": ("mistral", _TINY_DECODER, "MistralForCausalLM"),
+    "qwen2": ("qwen2", _TINY_DECODER, "Qwen2ForCausalLM"),
+    "qwen3": ("qwen3", _TINY_DECODER, "Qwen3ForCausalLM"),
+    "gemma": ("gemma", _TINY_DECODER, "GemmaForCausalLM"),
+    "phi3": ("phi3", _TINY_DECODER, "Phi3ForCausalLM"),
+    "mixtral": ("mixtral", dict(_TINY_DECODER, num_local_experts=4, num_experts_per_tok=2), "MixtralForCausalLM"),
+    "qwen3-moe": ("qwen3_moe", dict(_TINY_DECODER, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                    decoder_sparse_step=1, mlp_only_layers=[]), "Qwen3MoeForCausalLM"),
+    "bert": ("bert", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                          vocab_size=128, max_position_embeddings=64, type_vocab_size=2, pad_token_id=0), "BertModel"),
+}
+
+
+def build_tiny_model(arch: str, *, dtype: str = "float32", seed: int = 0):
+    """A random-weight model of :data:`TINY_ARCHITECTURES` ``arch`` (eval mode), built with
+    transformers from its config; ``model.save_pretrained(dir)`` writes its checkpoint.
+
+    Raises:
+        KeyError: an unknown ``arch`` (the message lists the names).
+    """
+    import torch
+    import transformers
+
+    if arch not in TINY_ARCHITECTURES:
+        raise KeyError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(TINY_ARCHITECTURES)}")
+    model_type, kwargs, class_name = TINY_ARCHITECTURES[arch]
+    config = transformers.AutoConfig.for_model(model_type, **kwargs)
+    config.architectures = [class_name]
+    torch.manual_seed(seed)
+    model = getattr(transformers, class_name)._from_config(config, dtype=getattr(torch, dtype))
+    return model.eval()
+
+
 #: Overrides that shrink GPT-2 to a ~3 MB test model (2 layers, 64 wide; vocabulary kept).
 TINY_GPT2: dict[str, Any] = dict(n_layer=2, n_embd=64, n_head=4, n_positions=128)
 

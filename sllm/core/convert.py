@@ -1,14 +1,20 @@
-"""Convert a Hugging Face checkpoint into the loading-optimized sllm format (version 1).
+"""Convert a Hugging Face checkpoint into the loading-optimized sllm format (version 2).
 
 Reads ``model.safetensors``, sharded safetensors with ``model.safetensors.index.json``,
 ``pytorch_model.bin``, or sharded ``.bin`` with ``pytorch_model.bin.index.json`` (always
-``torch.load(weights_only=True)``, never a full unpickle), plans an aligned layout split
-into partitions balanced by bytes, and streams one tensor at a time into the partition
-files, hashing each chunk as it is written. Peak memory stays near the largest source shard
-(safetensors: one tensor). Everything is written into a temporary directory beside the
-destination and renamed into place at the end, so an interrupted run leaves no destination.
+``torch.load(weights_only=True)``, never a full unpickle). With the source's ``config.json``
+it applies transformers' own loading rules once (``sllm/core/hf_keys.py``: base-model
+prefix, renamings, fused MoE experts, dropped ignorable keys, tied weights), so the stored
+tensors are the model's runtime parameters, and refuses a checkpoint that
+``from_pretrained`` would leave with random weights. It then plans an aligned layout split
+into partitions balanced by bytes and streams one conversion group at a time (one tensor,
+or the experts of one layer) into the partition files, hashing each chunk as it is written.
+Peak memory stays near the largest source shard (safetensors: the largest group).
+Everything is written into a temporary directory beside the destination and renamed into
+place at the end, so an interrupted run leaves no destination; the temporaries of killed
+runs (their pid dead) are swept from the destination's parent at the next run.
 
-It does not load models or know architectures; the layout rules are ``sllm/core/format.py``.
+It does not load models; the layout rules are ``sllm/core/format.py``.
 """
 
 from __future__ import annotations
@@ -19,20 +25,22 @@ import math
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sllm import __version__
+from sllm.core import hf_keys
 from sllm.core.format import (
     DEFAULT_ALIGNMENT,
     DEFAULT_CHUNK_BYTES,
     DTYPES,
     INDEX_FILE,
     MANIFEST_FILE,
+    KeyMapping,
     Manifest,
     PartitionInfo,
     SourceFile,
@@ -51,7 +59,7 @@ from sllm.errors import (
     UnsafePickle,
     UsageError,
 )
-from sllm.io.atomic import atomic_directory
+from sllm.io.atomic import atomic_directory, remove_stale_temporaries
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -72,6 +80,10 @@ class ConvertResult:
         partitions: bytes per partition.
         dtype: floating dtype of the result ("mixed" if several).
         seconds: wall time of the conversion.
+        model_class: the transformers class whose loading rules were applied ("" if none).
+        mapped: stored tensors renamed or converted from the source's (see the manifest).
+        dropped: source tensors not stored, with why (ignorable, or not a model weight).
+        swept: stale temporaries of killed runs removed from the destination's parent.
     """
 
     path: str
@@ -80,6 +92,10 @@ class ConvertResult:
     partitions: list[int]
     dtype: str
     seconds: float
+    model_class: str = ""
+    mapped: int = 0
+    dropped: dict[str, str] = field(default_factory=dict)
+    swept: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -232,29 +248,54 @@ class _Source:
                 nbytes = math.prod(shape) * DTYPES[out_dtype]
                 self.tensors[name] = _SourceTensor(name, path, shape, dtype, nbytes, self._aliases.get(name))
 
-    def iter_tensors(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield ``(name, tensor)`` for ``names`` (grouped by shard, as :meth:`scan` ordered
-        them), opening each shard once."""
-        by_file: dict[Path, list[str]] = {}
-        for n in names:
-            by_file.setdefault(self.tensors[n].file, []).append(n)
-        for path, file_names in by_file.items():
-            if self.kind == "safetensors":
-                from safetensors import safe_open
+    def reader(self, target: str) -> _Reader:
+        """A :class:`_Reader` of this source's tensors, cast for ``target``."""
+        return _Reader(self, target)
 
-                try:
-                    with safe_open(str(path), framework="pt") as f:
-                        for n in file_names:
-                            yield n, f.get_tensor(n)
-                except CheckpointError:
-                    raise
-                except Exception as exc:
-                    raise TruncatedPartition(f"{path}: cannot read tensor data ({exc})") from exc
-            else:
-                sd = _load_bin(path)
-                for n in file_names:
-                    yield n, sd[n]
-                del sd
+
+class _Reader:
+    """Reads source tensors by name, cast to the target dtype. Keeps safetensors files open
+    (memory-mapped) and the last two ``.bin`` shards loaded, so that reading in source order
+    loads each shard once. Use as a context manager."""
+
+    def __init__(self, source: _Source, target: str) -> None:
+        self.source, self.target = source, target
+        self._handles: dict[Path, Any] = {}
+        self._bins: dict[Path, dict[str, torch.Tensor]] = {}
+
+    def __enter__(self) -> _Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles.values():
+            h.__exit__(None, None, None)
+        self._handles.clear()
+        self._bins.clear()
+
+    def __call__(self, name: str) -> torch.Tensor:
+        info = self.source.tensors[name]
+        path = info.file
+        if self.source.kind == "safetensors":
+            from safetensors import safe_open
+
+            try:
+                if path not in self._handles:
+                    self._handles[path] = safe_open(str(path), framework="pt").__enter__()
+                tensor = self._handles[path].get_tensor(name)
+            except CheckpointError:
+                raise
+            except Exception as exc:
+                raise TruncatedPartition(f"{path}: cannot read tensor data ({exc})") from exc
+        else:
+            if path not in self._bins:
+                if len(self._bins) >= 2:
+                    del self._bins[next(iter(self._bins))]
+                self._bins[path] = _load_bin(path)
+            tensor = self._bins[path][name]
+        if tuple(tensor.shape) != info.shape:
+            raise CheckpointError(f"{path}: tensor {name!r} changed shape while reading")
+        want = getattr(torch, _target_dtype(info.dtype, self.target))
+        return tensor if tensor.dtype == want else tensor.to(want)
 
 
 def _target_dtype(src_dtype: str, target: str) -> str:
@@ -296,29 +337,32 @@ def split_balanced(sizes: list[int], parts: int) -> list[int]:
 
 
 def plan_layout(
-    tensors: dict[str, _SourceTensor], partitions: int, alignment: int, target: str
+    tensors: dict[str, tuple[tuple[int, ...], str]], aliases: dict[str, str], partitions: int, alignment: int
 ) -> tuple[list[str], dict[str, TensorEntry], list[int]]:
-    """Split tensors, in the given order (shard by shard, layer order within a shard, so
-    each source file is read once and each partition written sequentially), into
-    partitions and assign aligned offsets. Aliases (tied weights) point at their primary.
+    """Split tensors, in the given order (source order: shard by shard, layer order within
+    a shard, so each source file is read once and each partition written sequentially),
+    into partitions and assign aligned offsets.
 
-    Returns: (write order of primary names, index entries for every name, partition sizes).
+    Args:
+        tensors: stored name -> (shape, dtype name), in write order.
+        aliases: extra index names -> the stored name whose entry they repeat (tied weights).
+
+    Returns: (write order of stored names, index entries for every name, partition sizes).
     """
-    primaries = [n for n, t in tensors.items() if t.alias_of is None]  # already in write order
+    primaries = list(tensors)
     if partitions > max(1, len(primaries)):
         raise UsageError(f"--partitions {partitions} is more than the {len(primaries)} tensors of the checkpoint")
-    sizes = [_align(tensors[n].nbytes, alignment) for n in primaries]
+    nbytes = {n: math.prod(shape) * DTYPES[dt] for n, (shape, dt) in tensors.items()}
+    sizes = [_align(nbytes[n], alignment) for n in primaries]
     groups = split_balanced(sizes, partitions)
     offsets = [0] * partitions
     entries: dict[str, TensorEntry] = {}
     for name, size, part in zip(primaries, sizes, groups):
-        t = tensors[name]
-        dtype = _target_dtype(t.dtype, target)
-        entries[name] = TensorEntry(part, offsets[part], t.nbytes, t.shape, contiguous_stride(t.shape), dtype)
+        shape, dtype = tensors[name]
+        entries[name] = TensorEntry(part, offsets[part], nbytes[name], shape, contiguous_stride(shape), dtype)
         offsets[part] += size
-    for name, t in tensors.items():
-        if t.alias_of is not None:
-            entries[name] = entries[t.alias_of]
+    for name, primary in aliases.items():
+        entries[name] = entries[primary]
     ordered = {n: entries[n] for n in sorted(entries, key=_natural_key)}
     return primaries, ordered, offsets
 
@@ -429,25 +473,30 @@ def convert(
     if dst.resolve() == src.resolve():
         raise UsageError(f"{dst}: the destination must differ from the source")
     source.scan(dtype)
-    primaries, entries, sizes = plan_layout(source.tensors, partitions, alignment, dtype)
+    plan = plan_tensors(source, src, dtype)
+    primaries, entries, sizes = plan_layout(plan.tensors, plan.aliases, partitions, alignment)
     total = sum(sizes)
     written = 0
+    swept = [p.name for p in remove_stale_temporaries(dst.parent)]
     with atomic_directory(dst, force=force) as tmp:
         writers = [_ChunkedWriter(tmp / partition_file(i), chunk_bytes) for i in range(partitions)]
         try:
-            for name, tensor in source.iter_tensors(primaries):
-                entry = entries[name]
-                if tuple(tensor.shape) != entry.shape:
-                    raise CheckpointError(f"{source.tensors[name].file}: tensor {name!r} changed shape while reading")
-                target = getattr(torch, entry.dtype)
-                if tensor.dtype != target:
-                    tensor = tensor.to(target)
-                w = writers[entry.partition]
-                w.pad_to(entry.offset)
-                w.write(_tensor_bytes(tensor))
-                written += _align(entry.nbytes, alignment)
-                if on_progress:
-                    on_progress(written, total)
+            with source.reader(dtype) as read:
+                for group in plan.groups:
+                    outputs = plan.run_group(group, read)
+                    for name in group.outputs:
+                        entry = entries[name]
+                        tensor = outputs.pop(name)
+                        if tuple(tensor.shape) != entry.shape or str(tensor.dtype).removeprefix("torch.") != entry.dtype:
+                            raise CheckpointError(
+                                f"{src}: tensor {name!r} is not the planned {entry.dtype} {list(entry.shape)}"
+                            )
+                        w = writers[entry.partition]
+                        w.pad_to(entry.offset)
+                        w.write(_tensor_bytes(tensor))
+                        written += _align(entry.nbytes, alignment)
+                        if on_progress:
+                            on_progress(written, total)
             digests = []
             for i, w in enumerate(writers):
                 w.pad_to(sizes[i])
@@ -457,6 +506,7 @@ def convert(
                 if not w.f.closed:
                     w.f.close()
         copied = _copy_side_files(src, tmp)
+        config_changes = _untie_if_different(plan, entries, tmp)
         float_dtypes = {e.dtype for e in entries.values() if e.dtype in ("float64", "float32", "float16", "bfloat16")}
         manifest = Manifest(
             model_id=model_id or src.resolve().name,
@@ -470,6 +520,14 @@ def convert(
             sources=tuple(SourceFile(p.name, p.stat().st_size, sha256_file(p)) for p in source.files),
             files=tuple(copied),
             created_by=f"sllm {__version__}",
+            key_mapping=KeyMapping(
+                model_class=plan.model_class,
+                rules=plan.rules,
+                tensors=plan.mapped(),
+                shared=dict(sorted(plan.aliases.items())),
+                dropped=dict(sorted(plan.dropped.items())),
+                config_changes=config_changes,
+            ),
         )
         (tmp / INDEX_FILE).write_bytes(index_json(entries))
         (tmp / MANIFEST_FILE).write_bytes(manifest_json(manifest))
@@ -480,7 +538,60 @@ def convert(
         partitions=sizes,
         dtype=manifest.dtype,
         seconds=time.perf_counter() - started,
+        model_class=plan.model_class,
+        mapped=len(manifest.key_mapping.tensors),
+        dropped=dict(plan.dropped),
+        swept=swept,
     )
+
+
+def plan_tensors(source: _Source, src: Path, target: str) -> hf_keys.KeyPlan:
+    """The stored tensors of ``source``: transformers' loading rules for the model of
+    ``src/config.json`` (:func:`sllm.core.hf_keys.plan_keys`), or the source's names as they
+    are when there is no config transformers can read, or transformers is older than 5.
+
+    Raises:
+        MissingWeights, ShapeMismatch, CheckpointError: see ``plan_keys``.
+    """
+    metas = {n: (t.shape, _target_dtype(t.dtype, target)) for n, t in source.tensors.items()}
+    source_aliases = {n: t.alias_of for n, t in source.tensors.items() if t.alias_of is not None}
+    config = hf_keys.load_config(src)
+    if config is None:
+        return hf_keys.identity_plan(metas, source_aliases, "none: no config.json that transformers can read")
+    try:
+        import transformers.core_model_loading  # noqa: F401 - transformers >= 5
+    except ImportError:
+        return hf_keys.identity_plan(metas, source_aliases, "none: transformers < 5 has no conversion rules")
+    try:
+        hf_keys.model_class(config)
+    except CheckpointError as exc:
+        return hf_keys.identity_plan(metas, source_aliases, f"none: {exc}")
+    return hf_keys.plan_keys(config, metas, source_aliases, str(src))
+
+
+def _untie_if_different(plan: hf_keys.KeyPlan, entries: dict[str, TensorEntry], tmp: Path) -> dict[str, Any]:
+    """For tied pairs the checkpoint holds both of: when their bytes differ, from_pretrained
+    does not tie them, so turn tying off in the copied ``config.json`` (the loader ties by
+    the config). Returns the config changes made."""
+    differ = False
+    for target, source in plan.untie:
+        a, b = entries[target], entries[source]
+        if a.nbytes != b.nbytes or a.dtype != b.dtype:
+            differ = True
+            break
+        with open(tmp / partition_file(a.partition), "rb") as fa, open(tmp / partition_file(b.partition), "rb") as fb:
+            fa.seek(a.offset)
+            fb.seek(b.offset)
+            if fa.read(a.nbytes) != fb.read(b.nbytes):
+                differ = True
+                break
+    config_path = tmp / "config.json"
+    if not differ or not config_path.is_file():
+        return {}
+    config_json = json.loads(config_path.read_text())
+    changes = hf_keys.untie_config(config_json)
+    config_path.write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
+    return changes
 
 
 def _copy_side_files(src: Path, dst: Path) -> list[str]:

@@ -1,4 +1,4 @@
-"""Checkpoint format version 1: the manifest, the tensor index, and their validation.
+"""Checkpoint format version 2: the manifest, the tensor index, and their validation.
 
 This module is the byte-level spec of ``man/sllm-format.5`` in code. It reads and writes
 ``sllm.json`` and ``tensor_index.json`` and checks every sentence of the spec against the
@@ -7,11 +7,18 @@ files on disk *before* any tensor byte is read. It does not read tensor data (th
 
 Layout of a converted model directory::
 
-    sllm.json            manifest (Manifest)
-    tensor_index.json    {"format_version": 1, "tensors": {name: TensorEntry}}
+    sllm.json            manifest (Manifest; since version 2 with a key_mapping: KeyMapping)
+    tensor_index.json    {"format_version": 2, "tensors": {name: TensorEntry}}
     partition-N.bin      raw little-endian tensor bytes; every tensor starts at a multiple
                          of ``alignment``; the file length is a multiple of ``alignment``
     config.json, tokenizer files, generation_config.json   copied from the source
+
+Version 2 stores the model's runtime parameters (transformers' loading rules applied at
+convert time, ``sllm/core/hf_keys.py``) and records in the manifest how they were made from
+the source tensors. Version 1 checkpoints (source names as they were) stay readable.
+Temporaries of writers in flight, or left by killed ones, are named with
+:data:`TEMPORARY_PREFIX` beside their destination: :func:`is_temporary_name` tells them apart,
+so nothing lists or serves them as models.
 """
 
 from __future__ import annotations
@@ -34,9 +41,14 @@ from sllm.errors import (
     UnknownDtype,
     UnsafeTensorName,
 )
+from sllm.io.atomic import TMP_PREFIX
 
 FORMAT_NAME = "sllm-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this sllm reads. 1: names as in the source checkpoint, no key_mapping.
+READABLE_VERSIONS = (1, 2)
+#: The prefix of every temporary file or directory sllm writes beside a destination.
+TEMPORARY_PREFIX = TMP_PREFIX
 MANIFEST_FILE = "sllm.json"
 INDEX_FILE = "tensor_index.json"
 DEFAULT_ALIGNMENT = 4096
@@ -58,6 +70,13 @@ DTYPES: dict[str, int] = {
     "uint8": 1,
     "bool": 1,
 }
+
+
+def is_temporary_name(name: str) -> bool:
+    """True for the name of a temporary that a writer (``sllm convert``, a cache pull, any
+    atomic write) uses beside its destination, in flight or left by a killed process. Such
+    an entry is never a model, even when it holds a complete ``sllm.json``."""
+    return name.startswith(TEMPORARY_PREFIX)
 
 
 def partition_file(index: int) -> str:
@@ -115,6 +134,35 @@ class SourceFile:
 
 
 @dataclass(frozen=True)
+class KeyMapping:
+    """How the stored tensors were made from the source checkpoint's (manifest ``key_mapping``).
+
+    Attributes:
+        model_class: the transformers class whose loading rules were applied ("" if none).
+        rules: "transformers <version>", or why no rules were applied (no config.json...).
+        tensors: stored name -> ``{"sources": [source names], "operations": [transformers
+            operations, e.g. "MergeModulelist(dim=0)"]}`` for every stored tensor that is not
+            the source tensor of the same name unchanged (renamed, prefixed, fused).
+        shared: index name -> the stored name whose bytes it shares (tied weights, and
+            tensors that shared storage in the source).
+        dropped: source name -> why it is not stored (ignorable or not a model weight).
+        config_changes: ``config.json`` fields the converter changed -> their new value.
+    """
+
+    model_class: str = ""
+    rules: str = ""
+    tensors: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    shared: dict[str, str] = field(default_factory=dict)
+    dropped: dict[str, str] = field(default_factory=dict)
+    config_changes: dict[str, Any] = field(default_factory=dict)
+
+    def source_names(self, stored: str) -> list[str]:
+        """The source checkpoint's names that stored tensor ``stored`` was made from."""
+        entry = self.tensors.get(stored)
+        return list(entry["sources"]) if entry else [stored]
+
+
+@dataclass(frozen=True)
 class Manifest:
     """The content of ``sllm.json``.
 
@@ -129,6 +177,8 @@ class Manifest:
         sources: the source files and their digests.
         files: the non-weight files copied from the source (config, tokenizer, ...).
         created_by: "sllm <version>".
+        key_mapping: how stored names relate to the source's (None in version 1).
+        format_version: the version the checkpoint was written in (one of READABLE_VERSIONS).
     """
 
     model_id: str
@@ -143,9 +193,13 @@ class Manifest:
     created_by: str = ""
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
+    key_mapping: KeyMapping | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["key_mapping"] is None:
+            del d["key_mapping"]
+        return d
 
 
 @dataclass(frozen=True)
@@ -218,9 +272,11 @@ def parse_manifest(data: dict[str, Any], where: str) -> Manifest:
     """
     if data.get("format") != FORMAT_NAME:
         raise ManifestError(f"{where}: not an sllm manifest (format is {data.get('format')!r})")
-    if data.get("format_version") != FORMAT_VERSION:
+    version = data.get("format_version")
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
         raise ManifestError(
-            f"{where}: format_version {data.get('format_version')!r} is not supported (this sllm reads {FORMAT_VERSION})"
+            f"{where}: format_version {version!r} is not supported (this sllm reads "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; reconvert the model with `sllm convert`)"
         )
     try:
         alignment = _int(data["alignment"], "alignment", where, minimum=1)
@@ -257,6 +313,8 @@ def parse_manifest(data: dict[str, Any], where: str) -> Manifest:
             files=files,
             checksum=str(data.get("checksum", CHECKSUM_ALGORITHM)),
             created_by=str(data.get("created_by", "")),
+            format_version=version,
+            key_mapping=_parse_key_mapping(data["key_mapping"], where) if version >= 2 else None,
         )
     except (KeyError, TypeError) as exc:
         raise ManifestError(f"{where}: missing or malformed field {exc}") from exc
@@ -275,6 +333,46 @@ def parse_manifest(data: dict[str, Any], where: str) -> Manifest:
     return manifest
 
 
+def _str_dict(value: Any, what: str, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ManifestError(f"{where}: key_mapping.{what} must be an object")
+    return value
+
+
+def _parse_key_mapping(data: Any, where: str) -> KeyMapping:
+    """Check ``key_mapping``'s types: names are strings, each mapped tensor has a list of
+    source names and a list of operations."""
+    km = _str_dict(data, "", where)
+    tensors = _str_dict(km.get("tensors", {}), "tensors", where)
+    for name, entry in tensors.items():
+        ok = isinstance(entry, dict) and all(
+            isinstance(entry.get(k), list) and all(isinstance(x, str) for x in entry[k]) for k in ("sources", "operations")
+        )
+        if not ok:
+            raise ManifestError(f"{where}: key_mapping.tensors[{name!r}] needs lists 'sources' and 'operations'")
+    shared = _str_dict(km.get("shared", {}), "shared", where)
+    dropped = _str_dict(km.get("dropped", {}), "dropped", where)
+    if not all(isinstance(v, str) for v in [*shared.values(), *dropped.values()]):
+        raise ManifestError(f"{where}: key_mapping.shared and .dropped map names to strings")
+    return KeyMapping(
+        model_class=str(km.get("model_class", "")),
+        rules=str(km.get("rules", "")),
+        tensors=tensors,
+        shared=shared,
+        dropped=dropped,
+        config_changes=_str_dict(km.get("config_changes", {}), "config_changes", where),
+    )
+
+
+def reconvert_hint(manifest: Manifest) -> str:
+    """A sentence to append to a load error of a checkpoint written before key mapping
+    (format 1), whose names may not be the model's; "" for newer checkpoints."""
+    if manifest.format_version >= 2:
+        return ""
+    return (" (this checkpoint was converted by an older sllm, format 1, which kept the source's names: "
+            "reconvert it with `sllm convert` to apply transformers' loading rules)")
+
+
 def parse_index(data: dict[str, Any], manifest: Manifest, where: str) -> dict[str, TensorEntry]:
     """Build and check the tensor index against the manifest.
 
@@ -288,8 +386,10 @@ def parse_index(data: dict[str, Any], manifest: Manifest, where: str) -> dict[st
         ManifestError, UnsafeTensorName, UnknownDtype, ShapeMismatch, MisalignedOffset,
         OffsetOutOfRange, OverlappingTensors.
     """
-    if data.get("format_version") != FORMAT_VERSION:
-        raise ManifestError(f"{where}: format_version {data.get('format_version')!r} is not supported")
+    if data.get("format_version") != manifest.format_version:
+        raise ManifestError(
+            f"{where}: format_version {data.get('format_version')!r} differs from sllm.json's {manifest.format_version}"
+        )
     raw = data.get("tensors")
     if not isinstance(raw, dict) or not raw:
         raise ManifestError(f"{where}: 'tensors' must be a non-empty object")
