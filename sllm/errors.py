@@ -14,7 +14,9 @@ The tree::
     │   ├── ManifestError             sllm.json or tensor_index.json unreadable or invalid
     │   ├── UnsafeTensorName          a tensor name with a path separator, "..", or NUL
     │   ├── UnknownDtype              a dtype name sllm does not know
-    │   ├── ShapeMismatch             nbytes disagrees with shape, stride and dtype
+    │   ├── ShapeMismatch             nbytes disagrees with shape, stride and dtype, or a
+    │   │                             source tensor's shape is not the model's
+    │   ├── MissingWeights            from_pretrained would leave parameters randomly initialised
     │   ├── OffsetOutOfRange          offset + nbytes past the end of its partition
     │   ├── OverlappingTensors        two index entries share bytes without being aliases
     │   ├── MisalignedOffset          an offset that is not a multiple of the alignment
@@ -86,7 +88,13 @@ class UnknownDtype(CheckpointError):
 
 
 class ShapeMismatch(CheckpointError):
-    """An index entry whose ``nbytes`` does not match its shape, stride and dtype."""
+    """An index entry whose ``nbytes`` does not match its shape, stride and dtype, or a
+    source tensor whose shape is not the one the model expects for it."""
+
+
+class MissingWeights(CheckpointError):
+    """A source checkpoint that lacks parameters of its model: ``from_pretrained`` would
+    initialise them at random, sllm refuses to convert it (the message names them)."""
 
 
 class OffsetOutOfRange(CheckpointError):

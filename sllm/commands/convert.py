@@ -67,3 +67,10 @@ def convert(
     stderr.print(
         f"{result.tensors} tensors, {result.nbytes / 1e9:.3f} GB, dtype {result.dtype}, in {result.seconds:.2f} s"
     )
+    if result.model_class:
+        stderr.print(f"{result.model_class}: {result.mapped} tensors renamed or fused by transformers' loading rules")
+    unused = [n for n, why in result.dropped.items() if not why.startswith("ignored")]
+    if unused:
+        shown = ", ".join(unused[:5]) + (f" and {len(unused) - 5} more" if len(unused) > 5 else "")
+        stderr.print(f"warning: dropped {len(unused)} source tensors the model has no weight for "
+                     f"(from_pretrained drops them too): {shown}", markup=False)

@@ -36,14 +36,10 @@ from typing import Any
 
 import torch
 
-from sllm.errors import CheckpointError, ShapeMismatch
+from sllm.errors import CheckpointError, MissingWeights, ShapeMismatch
 
 #: One source tensor's metadata: (shape, dtype name after the target cast).
 SourceMeta = tuple[tuple[int, ...], str]
-
-
-class MissingWeights(CheckpointError):
-    """The checkpoint lacks parameters that ``from_pretrained`` would initialise at random."""
 
 
 @dataclass
@@ -68,7 +64,12 @@ class Group:
 
     @property
     def sources(self) -> list[str]:
-        return list(dict.fromkeys(m[1] for m in self.members))
+        """Source names, grouped by the converter's source pattern (in its order) and in
+        transformers' order within one (the order they are stacked in)."""
+        patterns = list(getattr(self.template, "source_patterns", None) or [])
+        rank = {p: i for i, p in enumerate(patterns)}
+        members = sorted(enumerate(self.members), key=lambda im: (rank.get(im[1][2], len(rank)), im[0]))
+        return list(dict.fromkeys(m[1] for _, m in members))
 
 
 @dataclass

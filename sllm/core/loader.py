@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import torch
 
-from sllm.core.format import Checkpoint, Manifest, TensorEntry, open_checkpoint
+from sllm.core.format import Checkpoint, Manifest, TensorEntry, open_checkpoint, reconvert_hint
 from sllm.core.pool import HostMemoryPool, default_pool
 from sllm.errors import CheckpointError, ChecksumMismatch, UsageError
 from sllm.io.hostmem import HostBuffer
@@ -667,6 +667,9 @@ def load_model(
         if building is not None:
             skeleton = building.result()
         model = build_model(path, loaded.state_dict, target, config=config, skeleton=skeleton)
+    except CheckpointError as exc:
+        loaded.release()
+        raise type(exc)(f"{exc}{reconvert_hint(ckpt.manifest)}") from exc
     except BaseException:
         loaded.release()
         raise
