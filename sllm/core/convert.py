@@ -474,6 +474,8 @@ def convert(
         raise UsageError(f"{dst}: the destination must differ from the source")
     source.scan(dtype)
     plan = plan_tensors(source, src, dtype)
+    with source.reader(dtype) as read:
+        untie = plan.resolve_ties(read)
     primaries, entries, sizes = plan_layout(plan.tensors, plan.aliases, partitions, alignment)
     total = sum(sizes)
     written = 0
@@ -506,7 +508,7 @@ def convert(
                 if not w.f.closed:
                     w.f.close()
         copied = _copy_side_files(src, tmp)
-        config_changes = _untie_if_different(plan, entries, tmp)
+        config_changes = _untie_config(tmp) if untie else {}
         float_dtypes = {e.dtype for e in entries.values() if e.dtype in ("float64", "float32", "float16", "bfloat16")}
         manifest = Manifest(
             model_id=model_id or src.resolve().name,
@@ -569,24 +571,12 @@ def plan_tensors(source: _Source, src: Path, target: str) -> hf_keys.KeyPlan:
     return hf_keys.plan_keys(config, metas, source_aliases, str(src))
 
 
-def _untie_if_different(plan: hf_keys.KeyPlan, entries: dict[str, TensorEntry], tmp: Path) -> dict[str, Any]:
-    """For tied pairs the checkpoint holds both of: when their bytes differ, from_pretrained
-    does not tie them, so turn tying off in the copied ``config.json`` (the loader ties by
-    the config). Returns the config changes made."""
-    differ = False
-    for target, source in plan.untie:
-        a, b = entries[target], entries[source]
-        if a.nbytes != b.nbytes or a.dtype != b.dtype:
-            differ = True
-            break
-        with open(tmp / partition_file(a.partition), "rb") as fa, open(tmp / partition_file(b.partition), "rb") as fb:
-            fa.seek(a.offset)
-            fb.seek(b.offset)
-            if fa.read(a.nbytes) != fb.read(b.nbytes):
-                differ = True
-                break
+def _untie_config(tmp: Path) -> dict[str, Any]:
+    """A tied pair is stored with different values: from_pretrained does not tie them, so
+    turn tying off in the copied ``config.json`` (the loader ties by the config). Returns the
+    changes made."""
     config_path = tmp / "config.json"
-    if not differ or not config_path.is_file():
+    if not config_path.is_file():
         return {}
     config_json = json.loads(config_path.read_text())
     changes = hf_keys.untie_config(config_json)

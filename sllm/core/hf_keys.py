@@ -84,9 +84,8 @@ class KeyPlan:
         aliases: extra index names -> the stored name whose bytes they share (tied weights
             and tensors that share storage in a ``.bin`` source).
         dropped: source name -> why it is not stored.
-        untie: tied pairs (target, source) that the checkpoint holds both of; when their
-            values differ, ``from_pretrained`` does not tie them and the converter turns
-            ``tie_word_embeddings`` off in the copied config.
+        untie: tied pairs (target, source) that the checkpoint holds both of, to settle with
+            :meth:`resolve_ties` (``from_pretrained`` ties them only when their values are equal).
     """
 
     model_class: str
@@ -114,6 +113,33 @@ class KeyPlan:
                 raise ShapeMismatch(f"conversion of {group.sources} gave {name!r} shape {list(t.shape)}, "
                                     f"planned {list(self.tensors[name][0])}")
         return out
+
+    def resolve_ties(self, read: Callable[[str], torch.Tensor]) -> bool:
+        """Settle the tied pairs the checkpoint holds both halves of, as
+        ``PreTrainedModel.tie_weights(missing_keys=...)`` does: equal values are tied (the
+        target becomes an alias, stored once); different values are not. Returns True when
+        some pair differs (the caller then turns tying off in the config)."""
+        differ = False
+        for target, source in self.untie:
+            producers = {name: g for g in self.groups for name in g.outputs}
+            if target not in producers or source not in producers:
+                continue  # already one tensor (an alias of the other)
+            a = self.run_group(producers[target], read)[target]
+            b = self.run_group(producers[source], read)[source]
+            if a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b):
+                g = producers[target]
+                g.outputs.remove(target)
+                if not g.outputs:
+                    self.groups.remove(g)
+                del self.tensors[target]
+                self.aliases[target] = source
+                for name, primary in self.aliases.items():
+                    if primary == target:
+                        self.aliases[name] = source
+            else:
+                differ = True
+        self.untie = []
+        return differ
 
     def mapped(self) -> dict[str, dict[str, list[str]]]:
         """Stored name -> ``{"sources": [...], "operations": [...]}`` for every stored tensor
