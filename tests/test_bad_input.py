@@ -166,26 +166,69 @@ def test_convert_interrupted_leaves_nothing(tiny_hf_gpt2, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_convert_killed_leaves_no_dst(tmp_path):
-    """kill -9 mid-conversion: the destination never appears (only a temporary may stay)."""
+def test_killed_convert_temporary_is_swept_by_the_next_run(tmp_path):
+    """kill -9 mid-conversion: the destination never appears, and the ``.sllm-tmp-*`` left
+    (keyed by the dead pid) is removed by the next convert into the same parent; a live
+    writer's temporary is kept, and a temporary's name is never a model's."""
+    import time
+
+    from sllm.core.format import is_temporary_name
     from sllm.zoo import build_random_checkpoint
 
     src = build_random_checkpoint("gpt2", tmp_path / "src", n_layer=12, n_embd=256, n_head=4)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sllm", "convert", str(src), str(tmp_path / "out"), "--quiet"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    parent = tmp_path / "models"
+    parent.mkdir()
+    temps: list = []
+    for _ in range(3):  # the kill must land while the temporary exists
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sllm", "convert", str(src), str(parent / "out"), "--quiet"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and proc.poll() is None:
+                temps = [p for p in parent.iterdir() if p.name.startswith(".sllm-tmp-out-")]
+                if temps and any((t / "partition-0.bin").exists() for t in temps):
+                    break  # writing partitions: mid-way
+                time.sleep(0.002)
+            proc.kill()
+        finally:
+            proc.wait(timeout=30)
+        if proc.returncode != 0 and temps:
+            break
+        shutil.rmtree(parent / "out", ignore_errors=True)
+    else:
+        pytest.skip("every conversion finished before the kill landed")
+    assert not (parent / "out").exists()
+    (leftover,) = temps
+    assert leftover.is_dir() and f"-{proc.pid}-" in leftover.name
+    assert is_temporary_name(leftover.name) and not is_temporary_name("out")
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
-        import time
-
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not any(p.name.startswith(".sllm-tmp-") for p in tmp_path.iterdir()):
-            time.sleep(0.005)
-        proc.kill()
+        live = parent / f".sllm-tmp-other-{writer.pid}-abcdef12"
+        live.mkdir()
+        result = convert(src, parent / "second")
+        assert result.swept == [leftover.name]
+        assert sorted(p.name for p in parent.iterdir()) == [live.name, "second"]
     finally:
-        proc.wait(timeout=30)
-    if proc.returncode == 0:
-        pytest.skip("conversion finished before the kill landed")
+        writer.kill()
+        writer.wait(timeout=30)
+
+
+def test_convert_missing_weight_is_one_line(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from sllm.zoo import TINY_GPT2, build_random_checkpoint
+
+    src = build_random_checkpoint("gpt2", tmp_path / "src", **TINY_GPT2)
+    sd = load_file(src / "model.safetensors")
+    del sd["transformer.h.1.ln_2.bias"], sd["transformer.h.0.attn.c_proj.weight"]
+    save_file(sd, src / "model.safetensors")
+    proc = run_cli("convert", str(src), str(tmp_path / "out"))
+    assert_one_line_error(
+        proc, str(src), "2 weight(s) of GPT2LMHeadModel randomly initialised",
+        "'transformer.h.0.attn.c_proj.weight', 'transformer.h.1.ln_2.bias'",
+    )
     assert not (tmp_path / "out").exists()
 
 
