@@ -39,9 +39,13 @@ def convert(
 ) -> None:
     """Convert a Hugging Face checkpoint into an sllm checkpoint.
 
-    Tensors are laid out aligned and contiguous in partition files with a tensor index, so
-    loading is a few large reads and no deserialization. Writes into a temporary directory
-    beside DST and renames it into place: an interrupted run leaves no DST.
+    Applies transformers' own loading rules once (base-model prefix, renamings, fused MoE
+    experts, ignorable keys dropped, tied weights), so the stored tensors are the model's
+    runtime parameters; refuses a checkpoint that from_pretrained would leave with randomly
+    initialised weights. Tensors are laid out aligned and contiguous in partition files with
+    a tensor index, so loading is a few large reads and no deserialization. Writes into a
+    temporary directory beside DST and renames it into place: an interrupted run leaves no
+    DST, and the next run removes temporaries of killed runs.
     """
     from sllm.core.convert import convert as run_convert
 
