@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -289,6 +290,27 @@ def test_load_corrupted_chunk_with_verify(ckpt):
 def test_bad_manifest_json(ckpt):
     (ckpt / "sllm.json").write_text("{not json")
     assert_one_line_error(run_cli("load", str(ckpt)), "sllm.json", "cannot parse")
+
+
+@pytest.mark.parametrize(
+    ("edit", "fragment"),
+    [
+        (lambda m: m.update(format_version=3), "format_version 3 is not supported"),
+        (lambda m: m["key_mapping"].update(tensors={"a": {"sources": "x"}}), "key_mapping.tensors['a']"),
+        (lambda m: m["key_mapping"].update(shared=["lm_head.weight"]), "key_mapping.shared must be an object"),
+    ],
+    ids=["future-version", "mapped-sources-not-a-list", "shared-not-an-object"],
+)
+def test_bad_key_mapping_or_version(ckpt, edit, fragment):
+    from sllm.errors import ManifestError
+
+    path = ckpt / "sllm.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match=re.escape(fragment)):
+        load_state_dict(ckpt)
+    assert_one_line_error(run_cli("load", str(ckpt)), "sllm.json", fragment)
 
 
 def test_zip_check_is_not_fooled(tmp_path):

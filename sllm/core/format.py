@@ -177,7 +177,8 @@ class Manifest:
         sources: the source files and their digests.
         files: the non-weight files copied from the source (config, tokenizer, ...).
         created_by: "sllm <version>".
-        key_mapping: how stored names relate to the source's (None in version 1).
+        key_mapping: how stored names relate to the source's (None in version 1, or when
+            the writer recorded nothing, e.g. synthetic checkpoints).
         format_version: the version the checkpoint was written in (one of READABLE_VERSIONS).
     """
 
@@ -314,7 +315,7 @@ def parse_manifest(data: dict[str, Any], where: str) -> Manifest:
             checksum=str(data.get("checksum", CHECKSUM_ALGORITHM)),
             created_by=str(data.get("created_by", "")),
             format_version=version,
-            key_mapping=_parse_key_mapping(data["key_mapping"], where) if version >= 2 else None,
+            key_mapping=_parse_key_mapping(data["key_mapping"], where) if "key_mapping" in data else None,
         )
     except (KeyError, TypeError) as exc:
         raise ManifestError(f"{where}: missing or malformed field {exc}") from exc
@@ -386,10 +387,8 @@ def parse_index(data: dict[str, Any], manifest: Manifest, where: str) -> dict[st
         ManifestError, UnsafeTensorName, UnknownDtype, ShapeMismatch, MisalignedOffset,
         OffsetOutOfRange, OverlappingTensors.
     """
-    if data.get("format_version") != manifest.format_version:
-        raise ManifestError(
-            f"{where}: format_version {data.get('format_version')!r} differs from sllm.json's {manifest.format_version}"
-        )
+    if data.get("format_version") not in READABLE_VERSIONS or isinstance(data.get("format_version"), bool):
+        raise ManifestError(f"{where}: format_version {data.get('format_version')!r} is not supported")
     raw = data.get("tensors")
     if not isinstance(raw, dict) or not raw:
         raise ManifestError(f"{where}: 'tensors' must be a non-empty object")
