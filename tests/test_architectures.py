@@ -74,6 +74,14 @@ def _bert_hub(model, dst: Path, prefixed: bool) -> Path:
     return _save(sd, model.config, dst)
 
 
+def _lm_head_only(model, dst: Path) -> Path:
+    """A tied model saved with the output half of the pair instead of the input embedding:
+    from_pretrained ties symmetrically, so the embedding comes from ``lm_head.weight``."""
+    sd = dict(model.state_dict())
+    sd["lm_head.weight"] = sd.pop("model.embed_tokens.weight")
+    return _save(sd, model.config, dst)
+
+
 #: layout name -> (architecture, writer(model, dst) -> source dir)
 LAYOUTS = {
     **{arch: (arch, lambda m, d: (m.save_pretrained(d), d)[1]) for arch in TINY_ARCHITECTURES},
@@ -83,6 +91,7 @@ LAYOUTS = {
     "opt-hub": ("opt", _opt_hub),
     "bert-hub": ("bert", lambda m, d: _bert_hub(m, d, prefixed=False)),
     "bert-hub-prefixed": ("bert", lambda m, d: _bert_hub(m, d, prefixed=True)),
+    "gemma-lm-head-only": ("gemma", _lm_head_only),
 }
 
 
@@ -259,3 +268,17 @@ def test_format_1_checkpoints_stay_readable(converted, tmp_path):
     (old / "tensor_index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="'h.0.attn.c_attn.weight' is not a weight .*reconvert it with `sllm convert`"):
         sllm.load_model(old)
+
+
+def test_cast_at_convert_equals_from_pretrained_cast(converted, tmp_path):
+    """``--dtype`` casts the source tensors before transformers' conversions, as
+    ``from_pretrained(dtype=...)`` does."""
+    from transformers import MixtralForCausalLM
+
+    src, _, _ = converted("mixtral-sharded", "float32")
+    assert len(list(src.glob("*.safetensors"))) > 1
+    sllm.convert(src, tmp_path / "bf16", dtype="bfloat16")
+    model = sllm.load_model(tmp_path / "bf16")
+    reference = MixtralForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    assert torch.equal(_output(model), _output(reference))
+    sllm.release(model)
