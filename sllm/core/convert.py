@@ -2,7 +2,7 @@
 
 Reads ``model.safetensors``, sharded safetensors with ``model.safetensors.index.json``,
 ``pytorch_model.bin``, or sharded ``.bin`` with ``pytorch_model.bin.index.json`` (always
-``torch.load(weights_only=True)``, never a full unpickle). With the source's ``config.json``
+``torch.load(weights_only=True)``, never a full unpickle; ``sllm/core/hf_source.py``). With the source's ``config.json``
 it applies transformers' own loading rules once (``sllm/core/hf_keys.py``: base-model
 prefix, renamings, fused MoE experts, dropped ignorable keys, tied weights), so the stored
 tensors are the model's runtime parameters, and refuses a checkpoint that
@@ -45,26 +45,18 @@ from sllm.core.format import (
     PartitionInfo,
     SourceFile,
     TensorEntry,
-    check_tensor_name,
     contiguous_stride,
     index_json,
     manifest_json,
     partition_file,
 )
-from sllm.errors import (
-    CheckpointError,
-    NotAModelDirectory,
-    TruncatedPartition,
-    UnknownDtype,
-    UnsafePickle,
-    UsageError,
-)
+from sllm.core.hf_source import BIN_INDEX, SAFETENSORS_INDEX, Source, natural_key, target_dtype
+from sllm.core.hf_source import find_weight_files as find_weight_files  # re-exported (sllm/core/bench.py)
+from sllm.errors import CheckpointError, UsageError
 from sllm.io.atomic import atomic_directory, remove_stale_temporaries
 
 ProgressCallback = Callable[[int, int], None]
 
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-BIN_INDEX = "pytorch_model.bin.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 TARGET_DTYPES = ("keep", "float16", "bfloat16", "float32")
 
@@ -96,212 +88,6 @@ class ConvertResult:
     mapped: int = 0
     dropped: dict[str, str] = field(default_factory=dict)
     swept: list[str] = field(default_factory=list)
-
-
-@dataclass
-class _SourceTensor:
-    name: str
-    file: Path
-    shape: tuple[int, ...]
-    dtype: str  # source dtype name
-    nbytes: int  # bytes after the target cast
-    alias_of: str | None = None
-
-
-# ---------------------------------------------------------------------------------------
-# Reading sources
-# ---------------------------------------------------------------------------------------
-
-
-def _natural_key(name: str) -> list[Any]:
-    """Sort key that orders ``h.2`` before ``h.10`` (layer order)."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
-
-def find_weight_files(src: Path) -> tuple[str, list[Path]]:
-    """The source format ("safetensors" or "bin") and its weight files, in shard order.
-
-    Raises:
-        NotAModelDirectory: no weights sllm can read.
-        CheckpointError: an index file that is unreadable or names missing shards.
-    """
-    if not src.is_dir():
-        raise NotAModelDirectory(f"{src}: not a directory")
-    for kind, index_name, single in (
-        ("safetensors", SAFETENSORS_INDEX, "model.safetensors"),
-        ("bin", BIN_INDEX, "pytorch_model.bin"),
-    ):
-        index_path = src / index_name
-        if index_path.is_file():
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-                files = sorted(set(weight_map.values()))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise CheckpointError(f"{index_path}: not a valid shard index ({exc})") from exc
-            paths = []
-            for f in files:
-                if not isinstance(f, str) or "/" in f or "\\" in f:
-                    raise CheckpointError(f"{index_path}: shard name {f!r} is not a plain file name")
-                if not (src / f).is_file():
-                    raise CheckpointError(f"{index_path}: names shard {f}, which is missing")
-                paths.append(src / f)
-            return kind, paths
-        if (src / single).is_file():
-            return kind, [src / single]
-    raise NotAModelDirectory(
-        f"{src}: no model.safetensors, pytorch_model.bin or shard index found (not a Hugging Face model directory)"
-    )
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    name = str(dtype).removeprefix("torch.")
-    if name not in DTYPES:
-        raise UnknownDtype(f"dtype {name} is not supported by the sllm format")
-    return name
-
-
-def _safetensors_meta(path: Path) -> list[tuple[str, tuple[int, ...], str]]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            out = []
-            for name in f.keys():
-                sl = f.get_slice(name)
-                out.append((name, tuple(sl.get_shape()), _safetensors_dtype(sl.get_dtype(), path, name)))
-            return out
-    except CheckpointError:
-        raise
-    except Exception as exc:  # safetensors raises SafetensorError / OSError on bad files
-        raise TruncatedPartition(f"{path}: not a valid safetensors file ({exc})") from exc
-
-
-_ST_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-    "BOOL": "bool",
-}  # fmt: skip
-
-
-def _safetensors_dtype(code: str, path: Path, name: str) -> str:
-    if code not in _ST_DTYPES:
-        raise UnknownDtype(f"{path}: tensor {name!r} has dtype {code}, which the sllm format does not support")
-    return _ST_DTYPES[code]
-
-
-def _load_bin(path: Path) -> dict[str, torch.Tensor]:
-    """``torch.load`` with ``weights_only=True`` (mmap when the file is a zip archive)."""
-    import pickle
-    import zipfile
-
-    mmap = zipfile.is_zipfile(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UnsafePickle(
-            f"{path}: refused to unpickle: the file holds more than tensors ({first[:200]})"
-        ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise TruncatedPartition(f"{path}: not a readable PyTorch checkpoint ({str(exc).splitlines()[0][:200]})") from exc
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: expected a dict of tensors")
-    return obj
-
-
-class _Source:
-    """The source checkpoint: tensor metadata up front, tensors one at a time."""
-
-    def __init__(self, src: Path) -> None:
-        self.src = src
-        self.kind, self.files = find_weight_files(src)
-        self.tensors: dict[str, _SourceTensor] = {}
-        self._aliases: dict[str, str] = {}
-        self._bin_cache: tuple[Path, dict[str, torch.Tensor]] | None = None
-
-    def scan(self, target: str) -> None:
-        """Read every shard's metadata (safetensors header / mmap'd .bin) and find aliases."""
-        for path in self.files:
-            if self.kind == "safetensors":
-                items = _safetensors_meta(path)
-            else:
-                sd = _load_bin(path)
-                items = []
-                seen: dict[tuple, str] = {}
-                for name, t in sd.items():
-                    key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-                    if t.numel() and key in seen:
-                        self._aliases[name] = seen[key]
-                    else:
-                        seen[key] = name
-                    items.append((name, tuple(t.shape), _dtype_name(t.dtype)))
-                del sd
-            if self.kind == "safetensors":  # headers are not in module order; .bin dicts are
-                items.sort(key=lambda item: _natural_key(item[0]))
-            for name, shape, dtype in items:
-                check_tensor_name(name, str(path))
-                if name in self.tensors:
-                    raise CheckpointError(f"{path}: tensor {name!r} appears in two shards")
-                out_dtype = _target_dtype(dtype, target)
-                nbytes = math.prod(shape) * DTYPES[out_dtype]
-                self.tensors[name] = _SourceTensor(name, path, shape, dtype, nbytes, self._aliases.get(name))
-
-    def reader(self, target: str) -> _Reader:
-        """A :class:`_Reader` of this source's tensors, cast for ``target``."""
-        return _Reader(self, target)
-
-
-class _Reader:
-    """Reads source tensors by name, cast to the target dtype. Keeps safetensors files open
-    (memory-mapped) and the last two ``.bin`` shards loaded, so that reading in source order
-    loads each shard once. Use as a context manager."""
-
-    def __init__(self, source: _Source, target: str) -> None:
-        self.source, self.target = source, target
-        self._handles: dict[Path, Any] = {}
-        self._bins: dict[Path, dict[str, torch.Tensor]] = {}
-
-    def __enter__(self) -> _Reader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for h in self._handles.values():
-            h.__exit__(None, None, None)
-        self._handles.clear()
-        self._bins.clear()
-
-    def __call__(self, name: str) -> torch.Tensor:
-        info = self.source.tensors[name]
-        path = info.file
-        if self.source.kind == "safetensors":
-            from safetensors import safe_open
-
-            try:
-                if path not in self._handles:
-                    self._handles[path] = safe_open(str(path), framework="pt").__enter__()
-                tensor = self._handles[path].get_tensor(name)
-            except CheckpointError:
-                raise
-            except Exception as exc:
-                raise TruncatedPartition(f"{path}: cannot read tensor data ({exc})") from exc
-        else:
-            if path not in self._bins:
-                if len(self._bins) >= 2:
-                    del self._bins[next(iter(self._bins))]
-                self._bins[path] = _load_bin(path)
-            tensor = self._bins[path][name]
-        if tuple(tensor.shape) != info.shape:
-            raise CheckpointError(f"{path}: tensor {name!r} changed shape while reading")
-        want = getattr(torch, _target_dtype(info.dtype, self.target))
-        return tensor if tensor.dtype == want else tensor.to(want)
-
-
-def _target_dtype(src_dtype: str, target: str) -> str:
-    if target == "keep" or src_dtype not in ("float64", "float32", "float16", "bfloat16"):
-        return src_dtype
-    return target
 
 
 # ---------------------------------------------------------------------------------------
@@ -363,7 +149,7 @@ def plan_layout(
         offsets[part] += size
     for name, primary in aliases.items():
         entries[name] = entries[primary]
-    ordered = {n: entries[n] for n in sorted(entries, key=_natural_key)}
+    ordered = {n: entries[n] for n in sorted(entries, key=natural_key)}
     return primaries, ordered, offsets
 
 
@@ -465,7 +251,7 @@ def convert(
         raise UsageError(f"chunk size {chunk_bytes}: must be a positive multiple of the alignment {alignment}")
     if partitions < 1:
         raise UsageError(f"--partitions {partitions}: must be >= 1")
-    source = _Source(src)
+    source = Source(src)
     if dst.exists() and not force:
         from sllm.errors import DestinationExists
 
@@ -547,7 +333,7 @@ def convert(
     )
 
 
-def plan_tensors(source: _Source, src: Path, target: str) -> hf_keys.KeyPlan:
+def plan_tensors(source: Source, src: Path, target: str) -> hf_keys.KeyPlan:
     """The stored tensors of ``source``: transformers' loading rules for the model of
     ``src/config.json`` (:func:`sllm.core.hf_keys.plan_keys`), or the source's names as they
     are when there is no config transformers can read, or transformers is older than 5.
@@ -555,7 +341,7 @@ def plan_tensors(source: _Source, src: Path, target: str) -> hf_keys.KeyPlan:
     Raises:
         MissingWeights, ShapeMismatch, CheckpointError: see ``plan_keys``.
     """
-    metas = {n: (t.shape, _target_dtype(t.dtype, target)) for n, t in source.tensors.items()}
+    metas = {n: (t.shape, target_dtype(t.dtype, target)) for n, t in source.tensors.items()}
     source_aliases = {n: t.alias_of for n, t in source.tensors.items() if t.alias_of is not None}
     config = hf_keys.load_config(src)
     if config is None:
