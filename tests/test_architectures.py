@@ -198,6 +198,10 @@ def test_missing_weight_is_refused(converted, tmp_path):
     sd = load_file(src / "model.safetensors")
     del sd["model.layers.1.mlp.down_proj.weight"]
     save_file(sd, bad / "model.safetensors")
+    from transformers import LlamaForCausalLM
+
+    _, info = LlamaForCausalLM.from_pretrained(bad, output_loading_info=True)
+    assert info["missing_keys"] == {"model.layers.1.mlp.down_proj.weight"}  # from_pretrained: random init
     with pytest.raises(MissingWeights, match=r"1 weight\(s\) of LlamaForCausalLM randomly initialised: "
                                              r"'model.layers.1.mlp.down_proj.weight'$"):
         sllm.convert(bad, tmp_path / "out")
@@ -216,6 +220,10 @@ def test_wrong_shape_is_refused(converted, tmp_path):
     sd = load_file(src / "model.safetensors")
     sd["model.norm.weight"] = torch.ones(31)
     save_file(sd, bad / "model.safetensors")
+    from transformers import Qwen2ForCausalLM
+
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        Qwen2ForCausalLM.from_pretrained(bad)
     with pytest.raises(ShapeMismatch, match=r"'model.norm.weight' shape \[31\], Qwen2ForCausalLM expects \[32\]"):
         sllm.convert(bad, tmp_path / "out")
 
