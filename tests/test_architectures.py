@@ -290,3 +290,34 @@ def test_cast_at_convert_equals_from_pretrained_cast(converted, tmp_path):
     reference = MixtralForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
     assert torch.equal(_output(model), _output(reference))
     sllm.release(model)
+
+
+@pytest.mark.parametrize("mix", ["config-dtype", "mixed-tensors"])
+def test_keep_gives_the_dtypes_from_pretrained_gives(tmp_path, mix):
+    """``--dtype keep`` is from_pretrained's ``dtype="auto"``: a bfloat16 checkpoint whose
+    config says float32 loads as float32; a checkpoint mixing dtypes loads in one."""
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaForCausalLM
+
+    model = build_tiny_model("llama", dtype="bfloat16")
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    cfg = json.loads((src / "config.json").read_text())
+    if mix == "config-dtype":
+        cfg["dtype"] = "float32"
+    else:  # no dtype in the config; one norm saved in float32 after the first (bfloat16) tensor
+        cfg.pop("dtype", None)
+        cfg.pop("torch_dtype", None)
+        sd = load_file(src / "model.safetensors")
+        sd["model.norm.weight"] = sd["model.norm.weight"].float()
+        save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
+    (src / "config.json").write_text(json.dumps(cfg))
+    reference = LlamaForCausalLM.from_pretrained(src)
+    want = torch.float32 if mix == "config-dtype" else torch.bfloat16
+    assert {p.dtype for p in reference.parameters()} == {want}
+    result = sllm.convert(src, tmp_path / "sllm")
+    assert result.dtype == str(want).removeprefix("torch.")
+    loaded = sllm.load_model(tmp_path / "sllm")
+    assert {p.dtype for p in loaded.parameters()} == {want}
+    assert torch.equal(_output(loaded), _output(reference))
+    sllm.release(loaded)

@@ -14,7 +14,8 @@ DtypeOpt = Annotated[
     str,
     typer.Option(
         "--dtype",
-        help="Cast floating tensors: keep, float16, bfloat16 or float32 (integer tensors are never cast).",
+        help="keep (the dtype from_pretrained loads: the config's, else the checkpoint's), float16, bfloat16 or "
+        "float32 (integer tensors are never cast).",
     ),
 ]
 

@@ -50,7 +50,7 @@ from sllm.core.format import (
     manifest_json,
     partition_file,
 )
-from sllm.core.hf_source import BIN_INDEX, SAFETENSORS_INDEX, Source, natural_key, target_dtype
+from sllm.core.hf_source import BIN_INDEX, SAFETENSORS_INDEX, Source, natural_key
 from sllm.core.hf_source import find_weight_files as find_weight_files  # re-exported (sllm/core/bench.py)
 from sllm.errors import CheckpointError, UsageError
 from sllm.io.atomic import atomic_directory, remove_stale_temporaries
@@ -225,8 +225,12 @@ def convert(
     Args:
         src: a model directory (safetensors or .bin, single or sharded with an index).
         dst: the output directory; must not exist unless ``force``.
-        dtype: "keep" or a floating dtype ("float16", "bfloat16", "float32") to cast
-            floating tensors to; integer and bool tensors are never cast.
+        dtype: "keep" or a floating dtype ("float16", "bfloat16", "float32"). With a model
+            config, each tensor gets the dtype ``from_pretrained(dtype=...)`` would give it
+            ("keep" is its default, ``dtype="auto"``: the config's dtype, else the first
+            shard's first floating dtype; parameters the class keeps in another dtype keep
+            it). Without one, floating tensors are cast to ``dtype`` unless "keep"; integer
+            and bool tensors are never cast.
         partitions: number of partition files (one per target device), balanced by bytes
             in layer order.
         alignment: bytes; a power of two >= 8. Offsets are multiples of it (4096 lets the
@@ -258,9 +262,9 @@ def convert(
         raise DestinationExists(f"{dst}: already exists (use --force to replace it)")
     if dst.resolve() == src.resolve():
         raise UsageError(f"{dst}: the destination must differ from the source")
-    source.scan(dtype)
+    source.scan()
     plan = plan_tensors(source, src, dtype)
-    with source.reader(dtype) as read:
+    with source.reader(plan.casts) as read:
         untie = plan.resolve_ties(read)
     primaries, entries, sizes = plan_layout(plan.tensors, plan.aliases, partitions, alignment)
     total = sum(sizes)
@@ -269,7 +273,7 @@ def convert(
     with atomic_directory(dst, force=force) as tmp:
         writers = [_ChunkedWriter(tmp / partition_file(i), chunk_bytes) for i in range(partitions)]
         try:
-            with source.reader(dtype) as read:
+            with source.reader(plan.casts) as read:
                 for group in plan.groups:
                     outputs = plan.run_group(group, read)
                     for name in group.outputs:
@@ -341,20 +345,22 @@ def plan_tensors(source: Source, src: Path, target: str) -> hf_keys.KeyPlan:
     Raises:
         MissingWeights, ShapeMismatch, CheckpointError: see ``plan_keys``.
     """
-    metas = {n: (t.shape, target_dtype(t.dtype, target)) for n, t in source.tensors.items()}
+    metas = {n: (t.shape, t.dtype) for n, t in source.tensors.items()}
     source_aliases = {n: t.alias_of for n, t in source.tensors.items() if t.alias_of is not None}
     config = hf_keys.load_config(src)
     if config is None:
-        return hf_keys.identity_plan(metas, source_aliases, "none: no config.json that transformers can read")
+        return hf_keys.identity_plan(metas, source_aliases, "none: no config.json that transformers can read", target)
     try:
         import transformers.core_model_loading  # noqa: F401 - transformers >= 5
     except ImportError:
-        return hf_keys.identity_plan(metas, source_aliases, "none: transformers < 5 has no conversion rules")
+        return hf_keys.identity_plan(metas, source_aliases, "none: transformers < 5 has no conversion rules", target)
     try:
         hf_keys.model_class(config)
     except CheckpointError as exc:
-        return hf_keys.identity_plan(metas, source_aliases, f"none: {exc}")
-    return hf_keys.plan_keys(config, metas, source_aliases, str(src))
+        return hf_keys.identity_plan(metas, source_aliases, f"none: {exc}", target)
+    return hf_keys.plan_keys(
+        config, metas, source_aliases, str(src), target=target, first_floating=source.first_floating
+    )
 
 
 def _untie_config(tmp: Path) -> dict[str, Any]:

@@ -38,7 +38,7 @@ import torch
 
 from sllm.errors import CheckpointError, MissingWeights, ShapeMismatch
 
-#: One source tensor's metadata: (shape, dtype name after the target cast).
+#: One source tensor's metadata: (shape, dtype name in the source).
 SourceMeta = tuple[tuple[int, ...], str]
 
 
@@ -86,6 +86,8 @@ class KeyPlan:
         dropped: source name -> why it is not stored.
         untie: tied pairs (target, source) that the checkpoint holds both of, to settle with
             :meth:`resolve_ties` (``from_pretrained`` ties them only when their values are equal).
+        casts: source name -> the dtype it is cast to before any conversion (from_pretrained's
+            rule: the model dtype, or the parameter's own dtype where the class keeps it).
     """
 
     model_class: str
@@ -95,6 +97,7 @@ class KeyPlan:
     aliases: dict[str, str] = field(default_factory=dict)
     dropped: dict[str, str] = field(default_factory=dict)
     untie: list[tuple[str, str]] = field(default_factory=list)
+    casts: dict[str, str] = field(default_factory=dict)
     _model: Any = field(default=None, repr=False)
 
     def run_group(self, group: Group, read: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -152,16 +155,22 @@ class KeyPlan:
         return out
 
 
-def identity_plan(sources: dict[str, SourceMeta], source_aliases: dict[str, str], rules: str) -> KeyPlan:
-    """Every source tensor stored under its own name (no transformers rules)."""
+def identity_plan(
+    sources: dict[str, SourceMeta], source_aliases: dict[str, str], rules: str, target: str = "keep"
+) -> KeyPlan:
+    """Every source tensor stored under its own name (no transformers rules), floating
+    tensors cast to ``target`` unless it is "keep"."""
+    from sllm.core.hf_source import target_dtype
+
     groups, tensors, aliases = [], {}, {}
-    for name, meta in sources.items():
+    casts = {name: target_dtype(dtype, target) for name, (_, dtype) in sources.items()}
+    for name, (shape, _) in sources.items():
         if name in source_aliases:
             aliases[name] = source_aliases[name]
             continue
         groups.append(Group(name, None, [(name, name, name)], [name]))
-        tensors[name] = meta
-    return KeyPlan("", rules, groups, tensors, aliases)
+        tensors[name] = (shape, casts[name])
+    return KeyPlan("", rules, groups, tensors, aliases, casts=casts)
 
 
 def model_class(config: Any) -> type:
@@ -210,9 +219,18 @@ def _run(group: Group, model: Any, make: Callable[[str], Callable[[], torch.Tens
     return {k: (v[0] if isinstance(v, list) else v) for k, v in out.items()}
 
 
-def _dominant(dtypes: list[str]) -> torch.dtype:
-    floating = [d for d in dtypes if getattr(torch, d).is_floating_point]
-    return getattr(torch, max(set(floating), key=floating.count)) if floating else torch.get_default_dtype()
+def model_dtype(config: Any, target: str, first_floating: str | None) -> torch.dtype:
+    """The dtype ``from_pretrained`` builds the model in: ``target`` when given (not
+    "keep"), else (``dtype="auto"``) the config's ``dtype``, else the first floating dtype of
+    the first shard, else torch's default (``modeling_utils._get_dtype``)."""
+    if target != "keep":
+        return getattr(torch, target)
+    dtype = getattr(config, "dtype", None)
+    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
+        dtype = getattr(torch, dtype)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return getattr(torch, first_floating) if first_floating else torch.get_default_dtype()
 
 
 def load_config(src: Path) -> Any | None:
@@ -229,15 +247,24 @@ def load_config(src: Path) -> Any | None:
 
 
 def plan_keys(
-    config: Any, sources: dict[str, SourceMeta], source_aliases: dict[str, str], where: str
+    config: Any,
+    sources: dict[str, SourceMeta],
+    source_aliases: dict[str, str],
+    where: str,
+    *,
+    target: str = "keep",
+    first_floating: str | None = None,
 ) -> KeyPlan:
     """Plan the stored tensors of a checkpoint with transformers' loading rules.
 
     Args:
         config: the checkpoint's transformers config.
-        sources: source name -> (shape, dtype name after the target cast), in source order.
+        sources: source name -> (shape, dtype name), in source order.
         source_aliases: source name -> the source name it shares storage with (``.bin``).
         where: the source directory, for messages.
+        target: "keep" (the dtypes ``from_pretrained`` gives by default) or the dtype name
+            given as ``from_pretrained(dtype=...)`` would be; see :func:`model_dtype`.
+        first_floating: the first floating dtype of the first shard, in its order.
 
     Returns: the plan; ``plan.groups`` in source order.
 
@@ -248,9 +275,15 @@ def plan_keys(
     """
     import transformers
     from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+    from transformers.core_model_loading import (
+        WeightConverter,
+        WeightRenaming,
+        build_glob_alternation,
+        dot_natural_key,
+        rename_source_key,
+    )
 
-    dtype = _dominant([m[1] for m in sources.values()])
+    dtype = model_dtype(config, target, first_floating)
     try:
         model = meta_model(config, dtype)
     except CheckpointError:
@@ -264,9 +297,23 @@ def plan_keys(
     converters = [t for t in weight_mapping if isinstance(t, WeightConverter)]
     pattern_to_converter = {k: c for c in converters for k in c.source_patterns}
     prefix = model.base_model_prefix
+    dtype_plan = model._get_dtype_plan(dtype) if hasattr(model, "_get_dtype_plan") else {}
+    if dtype_plan:
+        plan_alt, plan_group, _ = build_glob_alternation(list(dtype_plan))
+
+    def cast_for(target_key: str) -> str:
+        """from_pretrained's dtype for a tensor loaded into ``target_key`` (step 3 of
+        convert_and_load_state_dict_in_model)."""
+        cast = dtype
+        if dtype_plan and (m := plan_alt.search(target_key)) is not None:
+            cast = dtype_plan[plan_group[m.lastgroup]]
+        elif expected[target_key].dtype != cast:
+            cast = expected[target_key].dtype
+        return str(cast).removeprefix("torch.")
 
     # transformers' renaming pass (core_model_loading.convert_and_load_state_dict_in_model, step 1-2).
     groups: dict[str, Group] = {}
+    casts: dict[str, str] = {}  # source name -> dtype it is cast to when read
     unexpected: dict[str, str] = {}  # renamed key -> source name
     for original in sorted(sources, key=dot_natural_key):
         renamed, pattern = rename_source_key(original, renamings, converters, prefix, expected)
@@ -279,6 +326,7 @@ def plan_keys(
                 group = groups.setdefault(renamed, Group(renamed, WeightRenaming(original, renamed), []))
                 pattern = original
             group.members.append((renamed, original, pattern))
+            casts[original] = cast_for(renamed)
         elif pattern is not None:
             for k in pattern_to_converter[pattern].target_patterns:
                 unexpected[renamed.replace(pattern_to_converter[pattern].target_patterns[0], k)] = original
@@ -294,14 +342,14 @@ def plan_keys(
     for g in ordered:
         if not isinstance(g.template, WeightConverter):
             src_name = g.members[0][1]
-            outs = {g.key: torch.empty(sources[src_name][0], dtype=getattr(torch, sources[src_name][1]), device="meta")}
+            outs = {g.key: torch.empty(sources[src_name][0], dtype=getattr(torch, casts[src_name]), device="meta")}
             for _, other, _ in g.members[1:]:
                 dropped[other] = f"{g.key!r} is already made from {src_name!r} (from_pretrained keeps the first)"
         else:
             g.operations = tuple(repr(op) for op in g.template.operations)
             outs = _run(
                 g, model,
-                lambda name: (lambda: torch.empty(sources[name][0], dtype=getattr(torch, sources[name][1]), device="meta")),
+                lambda name: (lambda: torch.empty(sources[name][0], dtype=getattr(torch, casts[name]), device="meta")),
             )
         for name, t in outs.items():
             if name not in expected:
@@ -368,7 +416,7 @@ def plan_keys(
         raise MissingWeights(
             f"{where}: from_pretrained would leave {len(missing)} weight(s) of {cls_name} randomly initialised: {shown}"
         )
-    plan = KeyPlan(cls_name, f"transformers {transformers.__version__}", kept, tensors, aliases, dropped, untie)
+    plan = KeyPlan(cls_name, f"transformers {transformers.__version__}", kept, tensors, aliases, dropped, untie, casts)
     plan._model = model
     return plan
 

@@ -5,14 +5,13 @@ Finds ``model.safetensors``, sharded safetensors with ``model.safetensors.index.
 every shard's metadata up front (safetensors headers; ``.bin`` through
 ``torch.load(weights_only=True)``, memory-mapped when a zip archive, never a full unpickle)
 and finds tensors that share storage; then reads tensors one at a time by name, cast to
-the conversion's target dtype. Used by ``sllm/core/convert.py``; it writes nothing and
+the dtype the conversion plans for each. Used by ``sllm/core/convert.py``; it writes nothing and
 knows no architectures.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,14 +28,13 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 
 @dataclass
 class SourceTensor:
-    """One source tensor: its name, shard, shape, source dtype, bytes after the target
-    cast, and the name of the tensor it shares storage with (``.bin`` only)."""
+    """One source tensor: its name, shard, shape, dtype, and the name of the tensor it
+    shares storage with (``.bin`` only)."""
 
     name: str
     file: Path
     shape: tuple[int, ...]
     dtype: str  # source dtype name
-    nbytes: int  # bytes after the target cast
     alias_of: str | None = None
 
 
@@ -151,9 +149,11 @@ class Source:
         self.kind, self.files = find_weight_files(src)
         self.tensors: dict[str, SourceTensor] = {}
         self._aliases: dict[str, str] = {}
-        self._bin_cache: tuple[Path, dict[str, torch.Tensor]] | None = None
+        #: The first floating dtype of the first shard, in the shard's own order (what
+        #: ``from_pretrained(dtype="auto")`` builds the model in when the config has no dtype).
+        self.first_floating: str | None = None
 
-    def scan(self, target: str) -> None:
+    def scan(self) -> None:
         """Read every shard's metadata (safetensors header / mmap'd .bin) and find aliases."""
         for path in self.files:
             if self.kind == "safetensors":
@@ -170,28 +170,29 @@ class Source:
                         seen[key] = name
                     items.append((name, tuple(t.shape), _dtype_name(t.dtype)))
                 del sd
+            if path == self.files[0]:
+                floating = [d for _, _, d in items if d in _FLOATING]
+                self.first_floating = floating[0] if floating else None
             if self.kind == "safetensors":  # headers are not in module order; .bin dicts are
                 items.sort(key=lambda item: natural_key(item[0]))
             for name, shape, dtype in items:
                 check_tensor_name(name, str(path))
                 if name in self.tensors:
                     raise CheckpointError(f"{path}: tensor {name!r} appears in two shards")
-                out_dtype = target_dtype(dtype, target)
-                nbytes = math.prod(shape) * DTYPES[out_dtype]
-                self.tensors[name] = SourceTensor(name, path, shape, dtype, nbytes, self._aliases.get(name))
+                self.tensors[name] = SourceTensor(name, path, shape, dtype, self._aliases.get(name))
 
-    def reader(self, target: str) -> Reader:
-        """A :class:`Reader` of this source's tensors, cast for ``target``."""
-        return Reader(self, target)
+    def reader(self, casts: dict[str, str]) -> Reader:
+        """A :class:`Reader` of this source's tensors, each cast to ``casts[name]``."""
+        return Reader(self, casts)
 
 
 class Reader:
-    """Reads source tensors by name, cast to the target dtype. Keeps safetensors files open
+    """Reads source tensors by name, each cast to its planned dtype. Keeps safetensors files open
     (memory-mapped) and the last two ``.bin`` shards loaded, so that reading in source order
     loads each shard once. Use as a context manager."""
 
-    def __init__(self, source: Source, target: str) -> None:
-        self.source, self.target = source, target
+    def __init__(self, source: Source, casts: dict[str, str]) -> None:
+        self.source, self.casts = source, casts
         self._handles: dict[Path, Any] = {}
         self._bins: dict[Path, dict[str, torch.Tensor]] = {}
 
@@ -226,11 +227,16 @@ class Reader:
             tensor = self._bins[path][name]
         if tuple(tensor.shape) != info.shape:
             raise CheckpointError(f"{path}: tensor {name!r} changed shape while reading")
-        want = getattr(torch, target_dtype(info.dtype, self.target))
+        want = getattr(torch, self.casts.get(name, info.dtype))
         return tensor if tensor.dtype == want else tensor.to(want)
 
 
+_FLOATING = ("float64", "float32", "float16", "bfloat16")
+
+
 def target_dtype(src_dtype: str, target: str) -> str:
-    if target == "keep" or src_dtype not in ("float64", "float32", "float16", "bfloat16"):
+    """``target`` for a floating source dtype (unless "keep"), else ``src_dtype``: the cast
+    of ``--dtype`` when no model's loading rules apply."""
+    if target == "keep" or src_dtype not in _FLOATING:
         return src_dtype
     return target
