@@ -17,6 +17,7 @@ The tree::
     │   ├── ShapeMismatch             nbytes disagrees with shape, stride and dtype, or a
     │   │                             source tensor's shape is not the model's
     │   ├── MissingWeights            from_pretrained would leave parameters randomly initialised
+    │   ├── UnsupportedCheckpoint     a source sllm cannot convert faithfully (quantized)
     │   ├── OffsetOutOfRange          offset + nbytes past the end of its partition
     │   ├── OverlappingTensors        two index entries share bytes without being aliases
     │   ├── MisalignedOffset          an offset that is not a multiple of the alignment
@@ -90,6 +91,11 @@ class UnknownDtype(CheckpointError):
 class ShapeMismatch(CheckpointError):
     """An index entry whose ``nbytes`` does not match its shape, stride and dtype, or a
     source tensor whose shape is not the one the model expects for it."""
+
+
+class UnsupportedCheckpoint(CheckpointError):
+    """A source checkpoint that loads only through machinery sllm does not run at convert
+    time (a quantized checkpoint, whose weights transformers' quantizer converts on load)."""
 
 
 class MissingWeights(CheckpointError):

@@ -321,3 +321,17 @@ def test_keep_gives_the_dtypes_from_pretrained_gives(tmp_path, mix):
     assert {p.dtype for p in loaded.parameters()} == {want}
     assert torch.equal(_output(loaded), _output(reference))
     sllm.release(loaded)
+
+
+def test_quantized_checkpoint_is_refused(converted, tmp_path):
+    import shutil
+
+    from sllm.errors import UnsupportedCheckpoint
+
+    src, _, _ = converted("llama", "float32")
+    bad = shutil.copytree(src, tmp_path / "src")
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedCheckpoint, match="quantized checkpoint \\(quant_method 'fp8'\\)"):
+        sllm.convert(bad, tmp_path / "out")

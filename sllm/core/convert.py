@@ -52,7 +52,7 @@ from sllm.core.format import (
 )
 from sllm.core.hf_source import BIN_INDEX, SAFETENSORS_INDEX, Source, natural_key
 from sllm.core.hf_source import find_weight_files as find_weight_files  # re-exported (sllm/core/bench.py)
-from sllm.errors import CheckpointError, UsageError
+from sllm.errors import CheckpointError, UnsupportedCheckpoint, UsageError
 from sllm.io.atomic import atomic_directory, remove_stale_temporaries
 
 ProgressCallback = Callable[[int, int], None]
@@ -343,6 +343,7 @@ def plan_tensors(source: Source, src: Path, target: str) -> hf_keys.KeyPlan:
     are when there is no config transformers can read, or transformers is older than 5.
 
     Raises:
+        UnsupportedCheckpoint: a quantized checkpoint (``quantization_config``).
         MissingWeights, ShapeMismatch, CheckpointError: see ``plan_keys``.
     """
     metas = {n: (t.shape, t.dtype) for n, t in source.tensors.items()}
@@ -354,6 +355,13 @@ def plan_tensors(source: Source, src: Path, target: str) -> hf_keys.KeyPlan:
         import transformers.core_model_loading  # noqa: F401 - transformers >= 5
     except ImportError:
         return hf_keys.identity_plan(metas, source_aliases, "none: transformers < 5 has no conversion rules", target)
+    quant = getattr(config, "quantization_config", None)
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
+        raise UnsupportedCheckpoint(
+            f"{src / 'config.json'}: a quantized checkpoint (quant_method {method!r}): its weights are converted by "
+            "transformers' quantizer at load time, which sllm convert does not run"
+        )
     try:
         hf_keys.model_class(config)
     except CheckpointError as exc:
