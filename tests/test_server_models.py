@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from sllm.core.engine import SamplingParams
+from sllm.core.engine import EngineConfig, SamplingParams
 from sllm.core.format import open_checkpoint
 from sllm.errors import CacheError
 from sllm.server.models import ModelLoadFailed, ModelManager, ModelNotFound, ServeConfig
@@ -70,11 +70,15 @@ def test_keep_alive_unloads_idle_models_only(models_dir):
 
 def test_memory_budget_evicts_the_least_recently_used_idle_model(models_dir):
     size = {mid: open_checkpoint(models_dir / mid).manifest.total_bytes for mid in ("gpt2-a", "gpt2-b")}
+    kv = 1 << 20  # each model's KV cache counts in the budget beside its weights
 
     async def scenario():
         clock = FakeClock()
-        m = _manager(models_dir, clock, max_memory_bytes=max(size.values()) + 1)
+        m = _manager(models_dir, clock, max_memory_bytes=max(size.values()) + kv + 1,
+                     engine=EngineConfig(kv_cache_bytes=kv))
         a = await m.acquire("gpt2-a")
+        st = m.status()
+        assert st["resident_bytes"] == size["gpt2-a"] + kv and st["resident"][0]["kv"]["total_bytes"] == kv
         m.release(a)
         clock.t += 1
         b = await m.acquire("gpt2-b")

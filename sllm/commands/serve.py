@@ -135,10 +135,43 @@ def serve(
         typer.Option(
             "--max-memory",
             metavar="BYTES",
-            help="Budget for resident model weights, bytes (suffixes: GB=10^9, GiB=2^30). Least recently "
-            "used idle models are unloaded to make room. Default: no limit.",
+            help="Budget for resident models, weights and KV caches, bytes (suffixes: GB=10^9, GiB=2^30). "
+            "Least recently used idle models are unloaded to make room. Default: no limit.",
         ),
     ] = None,
+    max_num_seqs: Annotated[
+        int,
+        typer.Option(
+            "--max-num-seqs", min=1, metavar="N",
+            help="Most requests a model runs at once (continuous batching); more wait in its queue. "
+            "1 runs one request at a time.",
+        ),
+    ] = 64,
+    max_num_batched_tokens: Annotated[
+        int,
+        typer.Option(
+            "--max-num-batched-tokens", min=1, metavar="N",
+            help="Most tokens in one forward pass: each running request's next token plus chunks of new "
+            "prompts (chunked prefill). Bounds the inter-token latency while long prompts are prefilled.",
+        ),
+    ] = 512,
+    kv_cache_memory: Annotated[
+        str | None,
+        typer.Option(
+            "--kv-cache-memory", metavar="BYTES",
+            help="KV cache of each loaded model, bytes (suffixes as --max-memory); counted in --max-memory "
+            "beside its weights. Requests wait for room, and the newest is preempted (recomputed later) "
+            "when it runs out. Default: 1 GiB, capped at --max-num-seqs full contexts, at least one.",
+        ),
+    ] = None,
+    deterministic: Annotated[
+        bool,
+        typer.Option(
+            "--deterministic",
+            help="A request's tokens do not depend on what it is batched with, nor on preemption or "
+            "resumption (row-by-row attention; costs throughput). Without it they almost always agree.",
+        ),
+    ] = False,
     cache_dir: ServeCacheDirOpt = None,
     ssd_capacity: SsdCapacityOpt = None,
     dram_capacity: DramCapacityOpt = None,
@@ -188,6 +221,7 @@ def serve(
         raise UsageError(f"--models {models}: not a directory", hint="convert a model with `sllm convert SRC DIR/NAME`")
     if log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
         raise UsageError(f"--log-level {log_level!r}: choose debug, info, warning or error")
+    from sllm.core.engine.config import EngineConfig  # no torch either
     from sllm.server.state import RequestLimits, ServeConfig  # no torch: the app and uvicorn come in _run
 
     cache = None
@@ -206,6 +240,13 @@ def serve(
         loader_threads=threads,
         direct_io=direct_io,
         cache=cache,
+        engine=EngineConfig(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            kv_cache_bytes=parse_bytes(kv_cache_memory, "--kv-cache-memory", minimum=1)
+            if kv_cache_memory is not None else None,
+            deterministic=deterministic,
+        ),
     )
     _run(config, host, port, log_level, json_out)
 

@@ -232,7 +232,8 @@ class ModelManager:
         return await report.status(self)
 
     def resident_bytes(self) -> int:
-        return sum(e.resident.nbytes for e in self.entries.values() if e.resident is not None)
+        """Bytes of the resident models' weights and KV caches (what ``max_memory_bytes`` bounds)."""
+        return sum(e.resident.nbytes + e.resident.kv_bytes for e in self.entries.values() if e.resident is not None)
 
     # -- the device tier ------------------------------------------------------------------
 
@@ -404,6 +405,12 @@ class ModelManager:
                     queue_seconds += self.clock() - room
                     t0 += self.clock() - room
                     model, tokenizer, engine = await self._in_load(self._load_blocking, entry, fetched)
+            try:  # the KV cache is sized once the engine exists: it counts in the budget beside the weights
+                reserved += await self._make_room(entry, engine.kv_cache_bytes)
+            except BaseException:
+                await asyncio.to_thread(self._unload_blocking, Resident(entry.model_id, model, tokenizer, engine,
+                                                                        nbytes, 0.0, 0.0, 0.0))
+                raise
             now = self.clock()
         except Exception as exc:
             self.counters["load_failures"] += 1
@@ -418,7 +425,8 @@ class ModelManager:
             entry.loading = None
             if fetched is not None:
                 fetched.close()
-        entry.resident = Resident(entry.model_id, model, tokenizer, engine, nbytes, now - t0, now, now, tier=tier)
+        entry.resident = Resident(entry.model_id, model, tokenizer, engine, nbytes, now - t0, now, now, tier=tier,
+                                  kv_bytes=engine.kv_cache_bytes)
         report = getattr(model, "sllm_report", None)
         self.last_cold = entry.cold = ColdStart(
             model=entry.model_id,
@@ -445,7 +453,11 @@ class ModelManager:
         """The engine that generates with ``model`` (worker thread)."""
         from sllm.core.engine import Engine
 
-        return Engine(model, name=entry.model_id)
+        try:
+            return Engine(model, name=entry.model_id, config=self.config.engine)
+        except BaseException:  # a model the engine cannot serve: give its weights back
+            self._release(model)
+            raise
 
     async def _make_room(self, entry: Entry, nbytes: int) -> int:
         """Reserve ``nbytes`` of the memory budget for ``entry``'s load, unloading least

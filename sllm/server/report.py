@@ -122,6 +122,7 @@ async def status(m: ModelManager) -> dict[str, Any]:
                     {"id": g.id, "prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens}
                     for g in r.engine.active()
                 ],
+                "kv": dataclasses.asdict(r.engine.kv_stats()),
             }
         )
     pool = m.pool.stats()

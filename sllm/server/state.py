@@ -66,6 +66,9 @@ class ServeConfig:
         direct_io: force O_DIRECT on or off (None: where the filesystem allows).
         cache: the tier cache (SSD directory and capacity, DRAM capacity, remote); None
             (default): no cache, only ``models_dir``.
+        engine: each model's :class:`sllm.core.engine.EngineConfig` (``--max-num-seqs``,
+            ``--max-num-batched-tokens``, ``--kv-cache-memory``, ``--deterministic``); None:
+            its defaults. A model's KV cache counts in ``max_memory_bytes`` beside its weights.
     """
 
     models_dir: Path | None = None
@@ -80,6 +83,7 @@ class ServeConfig:
     loader_threads: int | None = None
     direct_io: bool | None = None
     cache: CacheConfig | None = None
+    engine: Any = None
 
     def __post_init__(self) -> None:
         for flag, key in (("--api-key", self.api_key), ("--admin-key", self.admin_key)):
@@ -159,6 +163,7 @@ class Resident:
     last_used: float
     leases: int = 0
     tier: str = "local"
+    kv_bytes: int = 0  # the engine's KV cache, counted in the memory budget beside ``nbytes``
 
 
 @dataclass

@@ -11,33 +11,33 @@ Modules, in the order a step uses them:
 - ``sampling.py``: per-request sampling with per-step seeds.
 - ``core.py``: :class:`Engine` and :class:`Generation`, the thread and the contract.
 
-The public names are re-exported here: ``from sllm.core.engine import Engine``.
+- ``config.py``: :class:`EngineConfig` (no torch).
+
+The public names are re-exported here, imported on first use: ``from sllm.core.engine
+import Engine``.
 """
 
-from sllm.core.engine.core import (
-    DEFAULT_KV_CACHE_BYTES,
-    FINISH_REASONS,
-    Engine,
-    EngineConfig,
-    Generation,
-    GenerationState,
-    Listener,
-    context_length,
-)
-from sllm.core.engine.kv import KVStats
-from sllm.core.engine.sampling import SamplingParams, sample_token, step_seed
+import importlib
+from typing import Any
 
-__all__ = [
-    "DEFAULT_KV_CACHE_BYTES",
-    "FINISH_REASONS",
-    "Engine",
-    "EngineConfig",
-    "Generation",
-    "GenerationState",
-    "KVStats",
-    "Listener",
-    "SamplingParams",
-    "context_length",
-    "sample_token",
-    "step_seed",
-]
+_WHERE = {
+    "DEFAULT_KV_CACHE_BYTES": "config",
+    "EngineConfig": "config",
+    "FINISH_REASONS": "core",
+    "Engine": "core",
+    "Generation": "core",
+    "GenerationState": "core",
+    "Listener": "core",
+    "context_length": "core",
+    "KVStats": "kv",
+    "SamplingParams": "sampling",
+    "sample_token": "sampling",
+    "step_seed": "sampling",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:  # lazy (PEP 562): ``engine.config`` imports without torch
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
