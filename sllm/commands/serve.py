@@ -201,6 +201,17 @@ def serve(
     is room); a DRAM hit reads nothing. A failed pull fails only that model's requests
     (503). `sllm cache ... --server URL` lists, pins, evicts and pulls on the running node.
 
+    Each model batches its requests continuously: one forward pass per step over every
+    running request's next token plus chunks of new prompts (--max-num-seqs,
+    --max-num-batched-tokens), over a paged KV cache of --kv-cache-memory bytes that
+    counts in --max-memory; when it is full the newest request is preempted and
+    recomputed later. /status shows each model's KV blocks and bytes, used and free.
+
+    Determinism: with --deterministic a request's tokens (greedy, or sampled with a seed)
+    do not depend on the other requests, on how its prompt was chunked, or on preemption,
+    for a given machine, thread count and library build; without it they agree almost
+    always (floating-point sums depend on the batch's shape, see the README).
+
     Prints the URL on stderr once listening, or with --json one line {"url", "models"} on
     stdout. Runs until Ctrl-C or SIGTERM, then drains: it stops accepting, answers new
     requests with 503, lets generations in flight finish for up to --drain-seconds, ends the
