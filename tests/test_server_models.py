@@ -77,7 +77,7 @@ def test_memory_budget_evicts_the_least_recently_used_idle_model(models_dir):
         m = _manager(models_dir, clock, max_memory_bytes=max(size.values()) + kv + 1,
                      engine=EngineConfig(kv_cache_bytes=kv))
         a = await m.acquire("gpt2-a")
-        st = m.status()
+        st = await m.status()
         assert st["resident_bytes"] == size["gpt2-a"] + kv and st["resident"][0]["kv"]["total_bytes"] == kv
         m.release(a)
         clock.t += 1
