@@ -26,6 +26,8 @@ ask for ``--max-tokens`` (default 64) greedy tokens:
 ``agree`` is the fraction of a variant's outputs (text) equal to the one-request-at-a-time
 engine's for the same prompt (with the same greedy decoding, differences come from
 floating-point reductions that depend on the batch, see README "Determinism").
+``--temperature T`` makes the sllm requests sampled (seed = the prompt's index) to measure
+that agreement where it is most fragile.
 
 Examples::
 
@@ -53,8 +55,12 @@ VARIANTS = {
     "sllm serve": [],
     "sllm serve --deterministic": ["--deterministic"],
     "sllm serve --max-num-seqs 1": ["--max-num-seqs", "1"],
+    "sllm serve --deterministic --max-num-seqs 1": ["--deterministic", "--max-num-seqs", "1"],  # not run by default
 }
+DEFAULT_VARIANTS = list(VARIANTS)[:3]
 BATCH1 = "sllm serve --max-num-seqs 1"
+#: agreement is against the one-at-a-time engine of the same mode when it ran, else BATCH1
+REFERENCE = {"sllm serve --deterministic": "sllm serve --deterministic --max-num-seqs 1"}
 
 
 def prepare(work: Path, arch: str) -> tuple[Path, Path, str]:
@@ -137,9 +143,9 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-async def _stream(client: Any, model_id: str, prompt: list[int], max_tokens: int) -> dict[str, Any]:
-    body = {"model": model_id, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+async def _stream(client: Any, model_id: str, prompt: list[int], max_tokens: int, sampling: dict) -> dict[str, Any]:
+    body = {"model": model_id, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
+            "stream_options": {"include_usage": True}, **sampling}
     t0 = time.perf_counter()
     times: list[float] = []
     text, tokens = [], 0
@@ -161,22 +167,28 @@ async def _stream(client: Any, model_id: str, prompt: list[int], max_tokens: int
     return {"t0": t0, "end": time.perf_counter(), "times": times, "tokens": tokens, "text": "".join(text)}
 
 
-async def _wave(url: str, model_id: str, prompts: list[list[int]], max_tokens: int) -> list[dict[str, Any]]:
+async def _wave(url: str, model_id: str, prompts: list[list[int]], max_tokens: int,
+                temperature: float = 0.0, top_p: float = 1.0) -> list[dict[str, Any]]:
+    """One concurrent wave; sampled requests are seeded by their prompt's index."""
     import httpx
+
+    def sampling(i: int) -> dict:
+        return {"temperature": 0} if temperature == 0 else {"temperature": temperature, "top_p": top_p, "seed": i}
 
     limits = httpx.Limits(max_connections=len(prompts) + 4, max_keepalive_connections=len(prompts) + 4)
     async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as client:
-        return await asyncio.gather(*[_stream(client, model_id, p, max_tokens) for p in prompts])
+        return await asyncio.gather(*[_stream(client, model_id, p, max_tokens, sampling(i))
+                                      for i, p in enumerate(prompts)])
 
 
 def run_server(name: str, flags: list[str], models: Path, model_id: str, device: str, prompts: list[list[int]],
-               levels: list[int], max_tokens: int) -> list[dict[str, Any]]:
+               levels: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0) -> list[dict]:
     proc, url = start_server(models, device, flags)
     rows = []
     try:
         asyncio.run(_wave(url, model_id, prompts[:1], 4))  # load the model, warm the code paths
         for c in levels:
-            res = asyncio.run(_wave(url, model_id, prompts[:c], max_tokens))
+            res = asyncio.run(_wave(url, model_id, prompts[:c], max_tokens, temperature, top_p))
             start, end = min(r["t0"] for r in res), max(r["end"] for r in res)
             ttft = [r["times"][0] - r["t0"] for r in res if r["times"]]
             itl = [b - a for r in res for a, b in zip(r["times"], r["times"][1:])]
@@ -263,8 +275,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--concurrency", default="1,8,32", help="comma-separated concurrency levels")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated sllm serve variants to run")
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                    help=f"comma-separated sllm serve variants, of: {', '.join(VARIANTS)}")
     ap.add_argument("--no-transformers", action="store_true", help="skip generate and generate_batch")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="sllm serve variants only: sample (seeded per prompt) instead of greedy, to measure agreement")
+    ap.add_argument("--top-p", type=float, default=1.0)
     args = ap.parse_args()
     levels = [int(x) for x in args.concurrency.split(",")]
     hf, models, model_id = prepare(args.work_dir, args.arch)
@@ -272,7 +288,8 @@ def main() -> None:
 
     rows: list[dict[str, Any]] = []
     for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
-        rows += run_server(name, VARIANTS[name], models, model_id, args.device, prompts, levels, args.max_tokens)
+        rows += run_server(name, VARIANTS[name], models, model_id, args.device, prompts, levels, args.max_tokens,
+                           args.temperature, args.top_p)
     if not args.no_transformers:
         import torch
         from transformers import AutoModelForCausalLM
@@ -282,21 +299,24 @@ def main() -> None:
         rows += run_generate(model, prompts, levels, args.max_tokens)
         rows += run_generate_batch(model, prompts, levels, args.max_tokens)
 
-    ref = {r["concurrency"]: r["texts"] for r in rows if r["system"] == BATCH1}
+    texts = {(r["system"], r["concurrency"]): r["texts"] for r in rows}
     for r in rows:
-        texts, base = r.pop("texts"), ref.get(r["concurrency"])
-        r["agree"] = None if texts is None or base is None else sum(a == b for a, b in zip(texts, base)) / len(texts)
+        ref = REFERENCE.get(r["system"], BATCH1)
+        ref = ref if (ref, r["concurrency"]) in texts else BATCH1
+        mine, base = r.pop("texts"), texts.get((ref, r["concurrency"]))
+        r["agree"] = None if mine is None or base is None else sum(a == b for a, b in zip(mine, base)) / len(mine)
+        r["agree_with"] = ref if r["agree"] is not None else None
 
-    hdr = f"{'system':38} {'conc':>4} {'tokens':>6} {'sec':>7} {'tok/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} " \
+    hdr = f"{'system':46} {'conc':>4} {'tokens':>6} {'sec':>7} {'tok/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} " \
           f"{'ITL p50':>8} {'ITL p99':>8} {'agree':>5}"
     print(hdr)
     f = lambda x: "-" if x is None else f"{x:.0f}"  # noqa: E731
     for r in rows:
         agree = "-" if r["agree"] is None else f"{r['agree']:.2f}"
-        print(f"{r['system']:38} {r['concurrency']:>4} {r['tokens']:>6} {r['seconds']:>7.2f} "
+        print(f"{r['system']:46} {r['concurrency']:>4} {r['tokens']:>6} {r['seconds']:>7.2f} "
               f"{r['tokens_per_second']:>7.1f} {f(r['ttft_p50_ms']):>9} {f(r['ttft_p99_ms']):>9} "
               f"{f(r['itl_p50_ms']):>8} {f(r['itl_p99_ms']):>8} {agree:>5}")
-    print("(latencies in ms; agree: share of outputs equal to the one-at-a-time engine's)")
+    print("(latencies in ms; agree: share of outputs equal to the one-at-a-time engine's of the same mode)")
     top = max(levels)
     by = {(r["system"], r["concurrency"]): r["tokens_per_second"] for r in rows}
     cont = by.get(("sllm serve", top))
@@ -308,7 +328,8 @@ def main() -> None:
                 ratios[key] = cont / by[(other, top)]
         print(f"at {top} concurrent: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     print(json.dumps({"benchmark": "engine_throughput", "arch": args.arch, "device": args.device,
-                      "max_tokens": args.max_tokens, "threads": _threads(), "rows": rows,
+                      "max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
+                      "threads": _threads(), "rows": rows,
                       "ratios_at_max_concurrency": ratios}))
 
 
