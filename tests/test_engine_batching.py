@@ -235,3 +235,16 @@ def test_tiny_temperature_through_the_engine_matches_greedy(model):
     gen = engine.submit(prompt, SamplingParams(max_tokens=12, temperature=1e-40, seed=5))
     _drain(engine)
     assert gen.finish_reason == "length" and gen.generated == greedy
+
+
+def test_rows_sampled_together_pick_what_each_picks_alone():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(9, 3000, generator=g) * 4
+    params = [SamplingParams(temperature=[0.0, 0.7, 1.3][i % 3], top_p=[1.0, 0.9, 0.5][i // 3], seed=i)
+              for i in range(9)]
+    steps = list(range(9))
+    from sllm.core.engine import sample_rows
+
+    together = sample_rows(logits, params, steps)
+    assert together == [sample_token(logits[i], params[i], steps[i]) for i in range(9)]
+    assert together[3:6] != [sample_rows(logits[i : i + 1], [params[i]], [steps[i] + 1])[0] for i in range(3, 6)]

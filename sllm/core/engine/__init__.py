@@ -31,6 +31,7 @@ _WHERE = {
     "context_length": "core",
     "KVStats": "kv",
     "SamplingParams": "sampling",
+    "sample_rows": "sampling",
     "sample_token": "sampling",
     "step_seed": "sampling",
 }

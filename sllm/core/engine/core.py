@@ -45,7 +45,7 @@ import torch
 from sllm.core.engine.config import DEFAULT_KV_CACHE_BYTES, EngineConfig
 from sllm.core.engine.kv import KVStats, PagedKV, kv_bytes_per_block, kv_geometry
 from sllm.core.engine.runner import Runner, Work
-from sllm.core.engine.sampling import SamplingParams, sample_token
+from sllm.core.engine.sampling import SamplingParams, sample_rows, sample_token
 from sllm.core.engine.scheduler import Scheduler, SchedulerConfig, SeqState, blocks_for
 from sllm.errors import UsageError
 
@@ -325,22 +325,29 @@ class Engine:
                     self._end(gen, "error", exc)
                 self._tell_ended()
                 return len(work)
-            picks: list[tuple[Generation, torch.Tensor]] = []
-            rows = iter(logits)
+            picks: list[tuple[Generation, int]] = []  # (request, its row of logits)
+            row = 0
             with self._cond:
                 for gen, c in work:
-                    row = next(rows) if c.samples else None
                     if c.id in self._sched and self._gens.get(c.id) is gen:  # not cancelled meanwhile
                         self._sched.advance(c.id, c.num_tokens, 0)
-                        if row is not None:
+                        if c.samples:
                             picks.append((gen, row))
-            for gen, row in picks:
-                try:
-                    token = sample_token(row, gen.params, gen.step)
-                except Exception as exc:
-                    self._end(gen, "error", exc)
-                    continue
-                self._accept(gen, token)
+                    row += c.samples
+            try:
+                tokens = sample_rows(logits[[i for _, i in picks]], [g.params for g, _ in picks],
+                                     [g.step for g, _ in picks]) if picks else []
+            except Exception:  # a row without finite logits: sample one by one, failing only those
+                tokens = []
+                for gen, i in picks:
+                    try:
+                        tokens.append(sample_token(logits[i], gen.params, gen.step))
+                    except Exception as exc:
+                        self._end(gen, "error", exc)
+                        tokens.append(None)
+            for (gen, _), token in zip(picks, tokens):
+                if token is not None:
+                    self._accept(gen, token)
             self._tell_ended()
             return len(work)
 

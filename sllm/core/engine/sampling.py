@@ -5,13 +5,14 @@ The randomness of generated-token ``i`` of a request seeded ``s`` comes from
 generator's hidden state, so a run resumed from its token list (preemption, migration)
 draws exactly what the uninterrupted run would have drawn (DESIGN.md "Engine contract").
 
-Sampling works on one row at a time, in float64, so a row's token does not depend on
-which other rows share the step. What it does not do: logits processors (repetition
-penalties, min-p), or anything batched over rows; the engine calls it once per sampled row.
+Sampling works in float64, on all of a step's rows at once but with row-wise operations
+only, so a row's token does not depend on which other rows share the step. What it does
+not do: logits processors (repetition penalties, min-p).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -77,38 +78,70 @@ def step_seed(seed: int, step: int) -> int:
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, step: int) -> int:
     """Pick the next token from ``logits`` (shape ``(vocab,)``, any float dtype and device)
-    for generated-token index ``step``.
-
-    Greedy: argmax (the first of equal maxima). Sampled: in float64, the logits minus
-    their maximum, divided by the temperature (so nothing overflows: the maximum maps to
-    0 and the rest to values <= 0, -inf at worst, for every temperature > 0; a tiny
-    temperature leaves only the argmax, as greedy), then softmax, truncated to the top-p
-    nucleus (sorted by probability, stable) when ``top_p < 1``, then the inverse CDF at a
-    uniform drawn from a CPU ``torch.Generator`` seeded :func:`step_seed` ``(params.seed,
-    step)``; the draw depends neither on the device nor on earlier steps.
+    for generated-token index ``step``: :func:`sample_rows` on one row.
 
     Raises:
-        ValueError: logits with no finite maximum (all NaN or -inf): the forward pass failed.
+        ValueError: sampled logits with no finite maximum (all NaN or -inf).
     """
-    if params.greedy:
-        return int(torch.argmax(logits))
-    x = logits.detach().to("cpu")
+    return sample_rows(logits.unsqueeze(0), [params], [step])[0]
+
+
+def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams], steps: Sequence[int]) -> list[int]:
+    """Pick one token per row of ``logits`` (shape ``(rows, vocab)``): row ``i`` with
+    ``params[i]`` at generated-token index ``steps[i]``.
+
+    Greedy rows: argmax (the first of equal maxima). Sampled rows: in float64, the row
+    minus its maximum, divided by its temperature (so nothing overflows: the maximum maps
+    to 0 and the rest to values <= 0, -inf at worst, for every temperature > 0; a tiny
+    temperature leaves only the argmax, as greedy), then softmax, truncated to the top-p
+    nucleus (sorted by probability, stable) when ``top_p < 1``, then the inverse CDF at a
+    uniform drawn from a CPU ``torch.Generator`` seeded :func:`step_seed` ``(seed, step)``;
+    the draw depends neither on the device nor on earlier steps. Rows are processed
+    together (nucleus rows and the others apart), but every operation works row by row
+    (sorting, the softmax's per-row reductions, sequential cumulative sums, searches), so a
+    row's token does not depend on which other rows share the call.
+
+    Raises:
+        ValueError: a sampled row with no finite maximum (all NaN or -inf): the forward pass failed.
+    """
+    out = [0] * len(params)
+    greedy = [i for i, p in enumerate(params) if p.greedy]
+    if greedy:
+        picks = torch.argmax(logits[greedy] if len(greedy) < len(params) else logits, dim=-1).tolist()
+        for i, t in zip(greedy, picks):
+            out[i] = int(t)
+    for nucleus in (False, True):
+        rows = [i for i, p in enumerate(params) if not p.greedy and (p.top_p < 1) == nucleus]
+        if rows:
+            for i, t in zip(rows, _draw(logits[rows].detach().to("cpu"), [params[i] for i in rows],
+                                        [steps[i] for i in rows], nucleus)):
+                out[i] = t
+    return out
+
+
+def _draw(x: torch.Tensor, params: list[SamplingParams], steps: list[int], nucleus: bool) -> list[int]:
+    """Inverse-CDF draws for rows ``x`` (``(rows, vocab)``, CPU) as :func:`sample_rows` says."""
     order = None
-    if params.top_p < 1:  # sorting the logits orders the probabilities the same way, ties included
-        x, order = torch.sort(x, descending=True, stable=True)
+    if nucleus:  # sorting the logits orders the probabilities the same way (ties: lower id first)
+        x, order = torch.sort(x, dim=-1, descending=True, stable=True)
     x = x.to(torch.float64)
-    top = torch.max(x)
-    if not torch.isfinite(top):
-        raise ValueError(f"logits have no finite maximum ({float(top)}): the forward pass produced NaN or inf")
-    probs = torch.softmax((x - top) / params.temperature, dim=-1)
-    if order is not None:
-        mass_before = torch.cumsum(probs, 0) - probs
-        probs = torch.where(mass_before < params.top_p, probs, torch.zeros_like(probs))
-    cdf = torch.cumsum(probs, 0)
-    gen = torch.Generator().manual_seed(step_seed(params.seed or 0, step))
-    u = float(torch.rand((), generator=gen, dtype=torch.float64)) * float(cdf[-1])
-    # the first index whose CDF exceeds u has probability > 0; u rounds to cdf[-1] at worst
-    i = int(torch.searchsorted(cdf, torch.tensor([u], dtype=cdf.dtype), right=True))
-    if i >= len(cdf):
-        i = int(torch.nonzero(probs).flatten()[-1])
-    return int(order[i]) if order is not None else i
+    top = x.max(dim=-1, keepdim=True).values
+    if not bool(torch.isfinite(top).all()):
+        raise ValueError("logits have no finite maximum: the forward pass produced NaN or inf")
+    temperature = torch.tensor([[p.temperature] for p in params], dtype=torch.float64)
+    probs = torch.softmax((x - top) / temperature, dim=-1)
+    if nucleus:
+        top_p = torch.tensor([[p.top_p] for p in params], dtype=torch.float64)
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        probs = torch.where(mass_before < top_p, probs, torch.zeros_like(probs))
+    cdf = torch.cumsum(probs, dim=-1)
+    u = torch.tensor([[float(torch.rand((), generator=torch.Generator().manual_seed(step_seed(p.seed or 0, s)),
+                                        dtype=torch.float64))] for p, s in zip(params, steps)], dtype=torch.float64)
+    # the first index whose CDF exceeds u * total has probability > 0; it rounds to the total at worst
+    picks = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0].tolist()
+    out = []
+    for j, k in enumerate(picks):
+        if k >= cdf.shape[1]:
+            k = int(torch.nonzero(probs[j]).flatten()[-1])
+        out.append(int(order[j, k]) if order is not None else int(k))
+    return out
