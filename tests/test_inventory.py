@@ -146,3 +146,37 @@ def test_gather_states_is_concurrent_and_marks_failures_down():
     assert states["a"].up and states["b"].up
     assert not states["c"].up and "ConnectError" in states["c"].error
     assert gather_states([], fetch) == {}
+
+
+def test_cli_inventory_add_show_and_plan_with_every_node_down(tmp_path):
+    import json
+    import socket
+
+    from typer.testing import CliRunner
+
+    from sllm.cli import app
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # bound, not listening: connection refused
+    prof = build_profile({"ssd": TierBandwidth("ssd", 3.0, 1, 1)}, loader_fixed_seconds=0.01, name="n1")
+    path = write_profile(prof, tmp_path / "p.toml")
+    inv = tmp_path / "cluster.toml"
+    run = CliRunner().invoke
+    r = run(app, ["inventory", "add", str(path), "--inventory", str(inv), "--url", dead, "--max-memory", "2GB", "--json"])
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["node"]["max_memory_bytes"] == 2_000_000_000
+    r = run(app, ["inventory", "show", "--inventory", str(inv), "--json", "--timeout", "0.5"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["states"]["n1"]["up"] is False
+    inv.write_text(inv.read_text() + '\n[models.m]\nnbytes = 1000\n')
+    r = run(app, ["schedule-plan", "m", "--inventory", str(inv), "--json", "--timeout", "0.5"])
+    assert r.exit_code == 1 and "no node can start m" in r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["best"] is None and doc["down"][0]["node"] == "n1" and doc["options"] == []
+    r = run(app, ["schedule-plan", "m", "--inventory", str(tmp_path / "missing.toml")])
+    assert r.exit_code == 2 and "missing.toml: no such inventory file" in r.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[nodes.a]\nurl = 5\n")
+    r = run(app, ["inventory", "show", "--inventory", str(bad)])
+    assert r.exit_code == 2 and "bad.toml: nodes.a: url = 5" in r.stderr
+    s.close()

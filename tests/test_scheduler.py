@@ -97,23 +97,42 @@ def test_no_room_unloads_idle_models_least_recently_used_first():
 
 
 def test_busy_node_is_unavailable_without_migration_and_migrates_with_it():
-    inv = cluster("a", "b")
+    inv = cluster("a", "b", "c")
     busy = ResidentModel("x", 2 * GB, requests=(RunningRequest("r1", 100, 20), RunningRequest("r2", 300, 80)))
     states = {"a": state("a", tiers={"m": ("dram",)}, resident=[busy], budget=2 * GB),
-              "b": state("b", budget=2 * GB, prefill={"x": PrefillFit(0.001, 0.02, 9)})}
+              "b": state("b", tiers={"x": ("ssd",)}, budget=2 * GB, prefill={"x": PrefillFit(0.001, 0.02, 9)}),
+              "c": state("c", budget=2 * GB)}
     p = plan("m", inv, states)
-    assert [(o.node, o.action) for o in p.options] == [("b", "load"), ("a", "unavailable")]
-    assert math.isinf(p.options[1].seconds) and "no room" in p.options[1].reasons[-1]
+    assert [(o.node, o.action) for o in p.options] == [("b", "load"), ("c", "load"), ("a", "unavailable")]
+    assert math.isinf(p.options[2].seconds) and "no room" in p.options[2].reasons[-1]
     pm = plan("m", inv, states, migration=True)
     a = next(o for o in pm.options if o.node == "a")
     [move] = a.migrate
-    # x goes to b from the remote: 2 GB at 0.5 GB/s + 0.2 / 8 chunks + 0.1 fixed; then 120 and 380 tokens re-prefilled
+    # x goes to b, which has it on SSD (c, remote-only, is not a destination): 2 GB at 2 GB/s + 0.2 / 8 chunks
+    # + 0.1 fixed; then 120 and 380 tokens re-prefilled at b's fit
     assert (move.model, move.destination, move.requests) == ("x", "b", ("r1", "r2"))
-    assert move.load_seconds == pytest.approx(4.125)
+    assert move.load_seconds == pytest.approx(1.125)
     assert move.migration.seconds == pytest.approx(0.12 + 0.02 + 0.38 + 0.02)
-    assert a.action == "migrate" and a.seconds == pytest.approx(4.125 + 0.54 + 0.2)
-    assert pm.best.node == "b"  # b's remote pull (2.125 s) still beats migrating
+    assert a.action == "migrate" and a.seconds == pytest.approx(1.125 + 0.54 + 0.2)
+    assert pm.best.node == "a"  # migrating x (1.665 s) then loading m from DRAM beats b's and c's remote pulls
+    assert [o.node for o in pm.options] == ["a", "b", "c"]
     assert get_migrator() is None  # --apply refuses migrations until the migration issue registers one
+
+
+def test_busy_node_waits_for_room_when_it_reports_decode_rate_and_completion_length():
+    inv = cluster("a", "b")
+    busy = ResidentModel("x", 2 * GB, requests=(RunningRequest("r1", 100, 20), RunningRequest("r2", 300, 80)))
+    states = {"a": state("a", tiers={"m": ("dram",)}, resident=[busy], budget=2 * GB,
+                         decode_seconds_per_token=0.01, mean_generated_tokens=100),
+              "b": state("b", resident=[ResidentModel("y", GB, requests=(RunningRequest("q", 5, 1),))], budget=2 * GB)}
+    [a, b] = sorted(plan("m", inv, states).options, key=lambda o: o.node)
+    # x's requests end in (100 - 20) * 0.01 = 0.8 s and (100 - 80) * 0.01 = 0.2 s: x frees 2 GB after 0.8 s
+    assert a.action == "wait" and a.freeing_seconds == pytest.approx(0.8) and a.seconds == pytest.approx(1.0)
+    # b holds nothing locally, serves y, and a holds m: a remote pull on busy b is not an option
+    assert b.action == "unavailable" and "holds it locally" in b.reasons[0]
+    assert plan("m", inv, states).best.node == "a"
+    idle_b = {**states, "b": state("b", budget=2 * GB)}
+    assert {o.node: o.action for o in plan("m", inv, idle_b).options} == {"a": "wait", "b": "load"}
 
 
 def test_unknown_size_and_oversized_models():

@@ -43,6 +43,10 @@ The TOML format (``man sllm-schedule-plan``)::
     [nodes.a.loader]
     fixed_seconds = 0.008         # skeleton build + weight assignment per load
     pipelined = true              # the tier cache pipelines a pull by chunk
+    [nodes.a.engine]              # for --simulate (optional; defaults otherwise)
+    prefill_a_seconds_per_token = 0.0001
+    prefill_b_seconds = 0.02
+    decode_seconds_per_token = 0.02
 
 It does not estimate or decide: :mod:`sllm.core.estimator` and :mod:`sllm.core.scheduler` do.
 """
@@ -104,6 +108,9 @@ class NodeSpec:
         pipelined: True when the node's tier cache pipelines a pull by chunk (remote -> SSD ->
             DRAM at once); False: each stage waits for the previous one.
         chunk_bytes: the pipeline's grain, bytes (its fill cost is one chunk through the stages).
+        prefill: the node's prefill fit ``a * tokens + b`` (``[nodes.X.engine]``), for
+            simulation; None: the node's live ``/status`` fit, else the defaults.
+        decode_seconds_per_token: seconds per generated token (simulation); None: default.
     """
 
     name: str
@@ -117,6 +124,8 @@ class NodeSpec:
     loader_fixed_seconds: float = 0.0
     pipelined: bool = True
     chunk_bytes: int = 16 * 1024 * 1024
+    prefill: PrefillFit | None = None
+    decode_seconds_per_token: float | None = None
 
     @property
     def memory_budget_bytes(self) -> int | None:
@@ -218,6 +227,12 @@ def parse_node(name: str, data: Mapping[str, Any], *, where: str) -> NodeSpec:
     if not isinstance(pipelined, bool):
         raise InventoryError(f"{w}: loader.pipelined = {pipelined!r}: must be true or false")
     mm = data.get("max_memory_bytes")
+    engine = _table(w, "engine", data.get("engine", {}))
+    fit = None
+    if "prefill_a_seconds_per_token" in engine or "prefill_b_seconds" in engine:
+        fit = PrefillFit(_num(w, "engine.prefill_a_seconds_per_token", engine.get("prefill_a_seconds_per_token", 0.0)),
+                         _num(w, "engine.prefill_b_seconds", engine.get("prefill_b_seconds", 0.0)), 0)
+    decode = engine.get("decode_seconds_per_token")
     return NodeSpec(
         name=name,
         url=url.rstrip("/"),
@@ -230,6 +245,8 @@ def parse_node(name: str, data: Mapping[str, Any], *, where: str) -> NodeSpec:
         loader_fixed_seconds=_num(w, "loader.fixed_seconds", loader.get("fixed_seconds", 0.0)),
         pipelined=pipelined,
         chunk_bytes=_num(w, "loader.chunk_bytes", loader.get("chunk_bytes", 16 * 1024 * 1024), kind=int, minimum=1),
+        prefill=fit,
+        decode_seconds_per_token=None if decode is None else _num(w, "engine.decode_seconds_per_token", decode),
     )
 
 
@@ -279,6 +296,14 @@ def node_entry(spec: NodeSpec) -> dict[str, Any]:
         out["tiers"][t.tier] = e
     out["loader"] = {"fixed_seconds": spec.loader_fixed_seconds, "pipelined": spec.pipelined,
                      "chunk_bytes": spec.chunk_bytes}
+    engine: dict[str, float] = {}
+    if spec.prefill is not None:
+        engine.update(prefill_a_seconds_per_token=spec.prefill.a_seconds_per_token,
+                      prefill_b_seconds=spec.prefill.b_seconds)
+    if spec.decode_seconds_per_token is not None:
+        engine["decode_seconds_per_token"] = spec.decode_seconds_per_token
+    if engine:
+        out["engine"] = engine
     return out
 
 
@@ -448,6 +473,10 @@ class NodeState:
         loader: its loader queue, the running load first.
         prefill: model -> :class:`PrefillFit` measured there.
         has_remote: True when the node can pull from the remote store.
+        decode_seconds_per_token: the node's measured decode time per token (None: unknown).
+        mean_generated_tokens: the mean completion length of the requests it served (None:
+            unknown). With the decode time, they let the scheduler estimate when busy models
+            will free their memory.
     """
 
     name: str
@@ -460,6 +489,8 @@ class NodeState:
     loader: tuple[LoaderJob, ...] = ()
     prefill: Mapping[str, PrefillFit] = field(default_factory=dict)
     has_remote: bool = True
+    decode_seconds_per_token: float | None = None
+    mean_generated_tokens: float | None = None
 
     def resident_model(self, model: str) -> ResidentModel | None:
         """The resident entry of ``model``, or None."""
@@ -499,8 +530,13 @@ def parse_status(name: str, status: Mapping[str, Any]) -> NodeState:
         prefill = {m: PrefillFit(float(f["a_seconds_per_token"]), float(f["b_seconds"]), int(f.get("samples", 0)))
                    for m, f in (status.get("prefill_fit") or {}).items()}
         cache = status.get("cache")
+        engine = status.get("engine") or {}
+        decode = engine.get("decode_seconds_per_token")
+        mean_gen = engine.get("mean_generated_tokens")
         return NodeState(name, True, None, status.get("max_memory_bytes"), resident, tiers, sizes, loader, prefill,
-                         has_remote=bool(cache and cache.get("remote")))
+                         has_remote=bool(cache and cache.get("remote")),
+                         decode_seconds_per_token=None if decode is None else float(decode),
+                         mean_generated_tokens=None if mean_gen is None else float(mean_gen))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         return NodeState(name, up=False, error=f"malformed /status: {type(exc).__name__}: {exc}")
 

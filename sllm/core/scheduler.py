@@ -13,6 +13,11 @@ token, from plain data (the :class:`~sllm.core.inventory.Inventory` and each nod
   migration is available, by migrating the running requests of busy models to the node
   that can take them soonest (each costs its destination's load estimate plus
   ``a * tokens + b`` per request; "migrate"), then load;
+- otherwise, when the node reports its decode time per token and its mean completion
+  length, wait for busy models to finish: each request's expected remaining decode is
+  ``max(0, mean_generated - generated so far) * decode_seconds_per_token``, a model frees
+  its memory when its last request ends, and the wait is until enough bytes are free
+  ("wait"; the node itself queues the load until then);
 - otherwise the node cannot start it now ("unavailable", ranked last, with the reason).
 
 With ``prompt_tokens`` the estimated prefill ``a * tokens + b`` (the node's fit) is added.
@@ -29,7 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from sllm.core.estimator import (
@@ -46,7 +51,7 @@ from sllm.errors import SchedulingError
 
 #: Seconds to unload one idle model (release its buffers); small against any load.
 UNLOAD_SECONDS = 0.01
-ACTIONS = ("resident", "loading", "load", "unload", "migrate", "unavailable")
+ACTIONS = ("resident", "loading", "load", "unload", "migrate", "wait", "unavailable")
 TIER_RANK = {"device": 0, "dram": 1, "ssd": 2, "remote": 3, None: 4}
 
 
@@ -217,6 +222,7 @@ def node_option(
     migration: bool = False,
     reserved: Mapping[str, int] | None = None,
     unload_seconds: float = UNLOAD_SECONDS,
+    remote_when_busy: bool = True,
 ) -> Option:
     """The option of one up node (module docstring); ``reserved``: bytes already promised on
     nodes by migrations planned in this pass."""
@@ -237,6 +243,10 @@ def node_option(
                       prefill_seconds=prefill, reasons=(f"already in the loader queue: {q:.3f} s left",))
     if tier is None:
         return Option(spec.name, "unavailable", None, math.inf, reasons=("no tier holds it and the node has no remote",))
+    if tier == "remote" and not remote_when_busy and (state.loader or any(r.requests for r in state.resident)):
+        return Option(spec.name, "unavailable", tier, math.inf,
+                      reasons=("a node holds it locally, and this one is busy: a remote pull here would hold its "
+                               "loader for every later request",))
     budget = _budget(spec, state)
     if budget is not None and nbytes > budget:
         return Option(spec.name, "unavailable", tier, math.inf,
@@ -265,17 +275,39 @@ def node_option(
     if free >= nbytes:
         return Option(spec.name, "unload", tier, freeing + load.total_seconds + prefill, load, tuple(unloads),
                       freeing_seconds=freeing, prefill_seconds=prefill, reasons=tuple(reasons))
-    if not migration:
-        return Option(spec.name, "unavailable", tier, math.inf, load, tuple(unloads),
-                      reasons=(*reasons, f"no room: models in use hold {state.resident_bytes} bytes of {budget}"))
-    moves, taken = _plan_moves(model, spec, state, nbytes - free, inventory, states, dict(reserved), unload_seconds)
+    moves, taken = [], 0
+    if migration:
+        moves, taken = _plan_moves(model, spec, state, nbytes - free, inventory, states, dict(reserved), unload_seconds)
     if taken < nbytes - free:
-        return Option(spec.name, "unavailable", tier, math.inf, load, tuple(unloads),
-                      reasons=(*reasons, "no room, and the models in use cannot all migrate elsewhere"))
+        wait = _wait_for_room(state, nbytes - free, model)
+        if wait is None:
+            why = "no room, and the models in use cannot all migrate elsewhere" if migration else \
+                f"no room: models in use hold {state.resident_bytes} bytes of {budget}"
+            return Option(spec.name, "unavailable", tier, math.inf, load, tuple(unloads), reasons=(*reasons, why))
+        freeing += wait
+        reasons.append(f"no room: busy models should free it in {wait:.3f} s")
+        return Option(spec.name, "wait", tier, freeing + load.total_seconds + prefill, load, tuple(unloads),
+                      freeing_seconds=freeing, prefill_seconds=prefill, reasons=tuple(reasons))
     freeing += sum(m.seconds for m in moves)
     reasons.append("migrate " + ", ".join(f"{m.model} ({len(m.requests)} request(s)) to {m.destination}" for m in moves))
     return Option(spec.name, "migrate", tier, freeing + load.total_seconds + prefill, load, tuple(unloads),
                   tuple(moves), freeing, prefill, tuple(reasons))
+
+
+def _wait_for_room(state: NodeState, needed: int, model: str) -> float | None:
+    """Seconds until busy models of ``state`` free ``needed`` bytes (module docstring), or
+    None when the node does not report its decode rate and mean completion length."""
+    d, mean_gen = state.decode_seconds_per_token, state.mean_generated_tokens
+    if d is None or mean_gen is None:
+        return None
+    ends = sorted((max((max(0.0, mean_gen - q.completion_tokens) * d for q in r.requests), default=0.0), r.model, r.nbytes)
+                  for r in state.resident if (r.requests or r.pinned) and r.model != model)
+    freed = 0
+    for seconds, _, nbytes in ends:
+        freed += nbytes
+        if freed >= needed:
+            return seconds
+    return None
 
 
 def _plan_moves(
@@ -298,6 +330,9 @@ def _plan_moves(
                 continue
             opt = node_option(r.model, r.nbytes, inventory.nodes[name], other, inventory=inventory, states=states,
                               reserved=reserved, unload_seconds=unload_seconds)
+            if opt.action in ("wait", "migrate") or opt.tier == "remote":
+                continue  # a destination takes it from a local tier now (a remote pull to make room costs more
+                # than the estimate shows: it holds that node's loader and network for every later request)
             if opt.feasible and (best is None or opt.sort_key() < best.sort_key()):
                 best = opt
         if best is None:
@@ -338,6 +373,7 @@ def plan(
         SchedulingError: the model's size is unknown.
     """
     nbytes = nbytes if nbytes is not None else model_size(model, inventory, states)
+    local = any(st.up and source_tier(model, replace(st, has_remote=False)) is not None for st in states.values())
     options, down = [], []
     for name, spec in sorted(inventory.nodes.items()):
         if name in exclude:
@@ -347,7 +383,8 @@ def plan(
             down.append((name, state.error if state is not None and state.error else "no status"))
             continue
         options.append(node_option(model, nbytes, spec, state, inventory=inventory, states=states,
-                                   prompt_tokens=prompt_tokens, migration=migration, unload_seconds=unload_seconds))
+                                   prompt_tokens=prompt_tokens, migration=migration, unload_seconds=unload_seconds,
+                                   remote_when_busy=not local))
     options.sort(key=Option.sort_key)
     return Plan(model, nbytes, prompt_tokens, tuple(options), tuple(down), migration)
 
