@@ -112,3 +112,22 @@ def test_migration_is_a_tokens_plus_b_per_request():
     assert default.samples == 0 and default.seconds == pytest.approx(DEFAULT_FIT.a_seconds_per_token * 1000
                                                                        + DEFAULT_FIT.b_seconds)
     assert estimate_migration("m", []).seconds == 0 and not math.isnan(est.seconds)
+
+
+def test_timing_log_fits_after_enough_samples_and_reports_rates():
+    from sllm.core.estimator import TimingLog
+
+    log = TimingLog(window=5)
+    assert log.status() == {"prefill_fit": {}, "engine": {"decode_seconds_per_token": None,
+                                                          "mean_generated_tokens": None}}
+    for t in (10, 20, 30):
+        log.record_prefill("m", t, 0.01 * t + 0.1)
+    assert log.fit("m") == DEFAULT_FIT and log.status()["prefill_fit"]["m"]["samples"] == 0
+    for t in (40, 50, 60, 70):  # the window keeps the last 5
+        log.record_prefill("m", t, 0.01 * t + 0.1)
+    f = log.fit("m")
+    assert f.samples == 5 and f.a_seconds_per_token == pytest.approx(0.01) and f.b_seconds == pytest.approx(0.1)
+    log.record_completion(11, 0.5)
+    log.record_completion(1, 0.0)
+    eng = log.status()["engine"]
+    assert eng["decode_seconds_per_token"] == pytest.approx(0.05) and eng["mean_generated_tokens"] == 6

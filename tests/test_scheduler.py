@@ -48,14 +48,22 @@ def test_prompt_tokens_add_the_nodes_prefill_estimate():
     assert plan("m", inv, st, prompt_tokens=200).options[0].seconds == pytest.approx(0.21)
 
 
-def test_a_long_loader_queue_outranks_a_faster_tier():
+def test_loads_queue_per_resource():
     inv = cluster("b", "c")
-    busy = [LoaderJob("x", 2 * GB, "remote", elapsed_seconds=1.0, running=True)]  # 4.125 - 1.0 left
-    states = {"b": state("b", tiers={"m": ("ssd",)}), "c": state("c", tiers={"m": ("dram",)}, loader=busy)}
+    # c's disk reads x (4 GB from SSD: 2.0 + 0.4 / 16 + 0.1 = 2.125 s, 1.0 s done) and its link pulls y
+    disk = LoaderJob("x", 4 * GB, "ssd", elapsed_seconds=1.0, running=True, resource="disk")
+    link = LoaderJob("y", 2 * GB, "remote", elapsed_seconds=0.0, running=True, resource="link")
+    states = {"b": state("b", tiers={"m": ("ssd",)}), "c": state("c", tiers={"m": ("ssd",)}, loader=[disk, link])}
     p = plan("m", inv, states)
-    assert [o.node for o in p.options] == ["b", "c"]
-    assert p.options[1].seconds == pytest.approx(3.125 + 0.2)
-    assert p.options[1].load.queue_seconds == pytest.approx(3.125)
+    assert [o.node for o in p.options] == ["b", "c"]  # c's SSD read waits for x's, not for y's pull
+    assert p.options[1].load.queue_seconds == pytest.approx(1.125)
+    assert p.options[1].seconds == pytest.approx(1.125 + 0.625)
+    # a DRAM hit waits in no queue; a remote pull waits for the link only (4.125 s for y)
+    dram = {**states, "c": state("c", tiers={"m": ("dram",)}, loader=[disk, link])}
+    assert plan("m", inv, dram).best.node == "c" and plan("m", inv, dram).best.seconds == pytest.approx(0.2)
+    unknown = LoaderJob("z", GB, "ssd", running=True)  # an older node: no resource reported, counted everywhere
+    old = {**states, "c": state("c", tiers={"m": ("dram",)}, loader=[unknown])}
+    assert next(o for o in plan("m", inv, old).options if o.node == "c").load.queue_seconds == 0.0
 
 
 def test_model_already_loading_waits_for_that_load():

@@ -85,9 +85,19 @@ def test_cold_warm_and_dram_reload_hand_computed():
 def test_second_model_queues_behind_the_first_load():
     res = Simulation(one_node(), {"m": GB, "n": GB}, [req(0, 0.0, "m"), req(1, 0.0, "n")], "sllm",
                      replace_replicas(CFG, 0)).run()
-    # both from the remote (no replicas): 2.125 s each, one at a time
-    assert [r.ttft_seconds for r in res.records] == pytest.approx([2.125 + 0.11, 4.25 + 0.11])
-    assert res.records[1].queued_seconds == pytest.approx(2.125) and res.queued_requests == 1
+    # both from the remote (no replicas): the link pulls one at a time (2.025 s each), then each pays the
+    # fixed cost (0.1 s) and prefills (0.11 s)
+    assert [r.ttft_seconds for r in res.records] == pytest.approx([2.125 + 0.11, 4.05 + 0.1 + 0.11])
+    assert res.records[1].queued_seconds == pytest.approx(2.025) and res.queued_requests == 1
+
+
+def test_a_dram_hit_does_not_wait_behind_a_remote_pull():
+    sim = Simulation(one_node(), {"m": GB, "n": GB}, [req(0, 0.0, "m"), req(1, 0.0, "n")], "sllm",
+                     replace_replicas(CFG, 0))
+    sim.nodes["a"].dram.put("n", GB)
+    res = sim.run()
+    assert res.records[1].tier == "dram" and res.records[1].ttft_seconds == pytest.approx(0.2 + 0.11)
+    assert res.records[1].queued_seconds == 0
 
 
 def replace_replicas(cfg: SimConfig, n: int) -> SimConfig:
@@ -98,14 +108,14 @@ def replace_replicas(cfg: SimConfig, n: int) -> SimConfig:
 
 def test_memory_budget_makes_a_load_wait_for_a_busy_model():
     inv = one_node(max_memory_bytes=GB)
-    reqs = [req(0, 0.0, "m", gen=100), req(1, 0.1, "n")]
+    reqs = [req(0, 0.0, "m", gen=500), req(1, 0.1, "n")]
     res = Simulation(inv, {"m": GB, "n": GB}, reqs, "sllm-no-migration", replace_replicas(CFG, 0)).run()
     r1 = res.records[1]
-    # m: remote 2.125 s + prefill 0.11, then 100 tokens (1 s): done at 3.235 s. n waits for that room, then
-    # loads from the remote (2.125 s) and prefills (0.11 s); it arrived at 0.1 s
+    # m: remote 2.125 s + prefill 0.11, then 500 tokens (5 s): done at 7.235 s. n's pull waits for the link
+    # (until 2.025 s) and ends at 4.05 s; then n waits for m's room, pays the fixed cost, prefills; it arrived at 0.1 s
     assert res.records[0].ttft_seconds == pytest.approx(2.235)
-    assert r1.ttft_seconds == pytest.approx(3.235 + 2.125 + 0.11 - 0.1)
-    assert r1.queued_seconds == pytest.approx(3.235 - 0.1)
+    assert r1.ttft_seconds == pytest.approx(7.235 + 0.1 + 0.11 - 0.1)
+    assert r1.queued_seconds == pytest.approx(7.335 - 0.1 - 2.125)
 
 
 def test_migration_frees_the_node_holding_the_model_in_dram():

@@ -4,8 +4,10 @@
 
     t_load(m, n) = q(n) + t_transfer(m, n, tier) + c(n)
 
-- ``q(n)``: the wait in *n*'s loader queue: the time left of the running load plus the
-  whole estimate of each queued one (a node loads one model at a time);
+- ``q(n)``: the wait in *n*'s loader queue for the resource the load needs (``sllm serve``
+  queues loads per resource: a remote pull waits for the node's link, an SSD read for its
+  disk, a DRAM hit for neither): the time left of the load holding it plus the whole
+  estimate of each one queued for it;
 - ``t_transfer``: moving *m*'s bytes up from the fastest tier holding it. Its stages:
   a pull from the remote (``nbytes / remote GB/s``, and the SSD write when the node
   measured its write bandwidth separately), or an SSD read (``nbytes / ssd GB/s``), then
@@ -37,7 +39,7 @@ import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sllm.core.inventory import LoaderJob, NodeSpec, PrefillFit
+from sllm.core.inventory import RESOURCE_OF, LoaderJob, NodeSpec, PrefillFit
 
 #: Tiers a load can start from, fastest first ("device": resident, nothing to load).
 SOURCE_TIERS = ("device", "dram", "ssd", "remote")
@@ -178,15 +180,22 @@ def estimate_transfer(node: NodeSpec, tier: str, nbytes: int, *, remote_gbps: fl
     return pipeline_seconds(stages, pipelined=node.pipelined, chunks=math.ceil(nbytes / node.chunk_bytes))
 
 
-def queue_seconds(node: NodeSpec, jobs: Iterable[LoaderJob], *, remote_gbps: float | None = None) -> float:
-    """The wait in ``node``'s loader queue: what is left of each job's estimate, summed.
+def queue_seconds(node: NodeSpec, jobs: Iterable[LoaderJob], *, remote_gbps: float | None = None,
+                  tier: str | None = None) -> float:
+    """The wait in ``node``'s loader queue for a load from ``tier``: what is left of the
+    estimate of each job in the same resource's queue (:data:`RESOURCE_OF`), summed; None
+    ``tier``: every job (the wait to get through all of them).
 
     A running job's remaining time is its estimate (transfer + fixed) less its elapsed
     seconds, at least 0; a queued job counts whole. A job of unknown size or tier counts the
-    fixed cost only.
+    fixed cost only; a job of unknown resource counts in every queue.
     """
     total = 0.0
+    if tier is not None and RESOURCE_OF.get(tier) is None:
+        return 0.0  # a DRAM hit (or resident) waits in no queue
     for job in jobs:
+        if tier is not None and job.resource != "" and job.resource != RESOURCE_OF[tier]:
+            continue
         est = node.loader_fixed_seconds
         if job.nbytes and job.tier in SOURCE_TIERS:
             est += estimate_transfer(node, job.tier, job.nbytes, remote_gbps=remote_gbps)
@@ -221,7 +230,7 @@ def estimate_load(
     stages = tuple(transfer_stages(node, tier, nbytes, remote_gbps=remote_gbps))
     chunks = max(1, math.ceil(nbytes / node.chunk_bytes))
     transfer = pipeline_seconds(stages, pipelined=node.pipelined, chunks=chunks)
-    queued = queue_seconds(node, queue, remote_gbps=remote_gbps)
+    queued = queue_seconds(node, queue, remote_gbps=remote_gbps, tier=tier)
     fixed = node.loader_fixed_seconds
     return LoadEstimate(node.name, model, tier, nbytes, stages, node.pipelined, chunks, transfer, queued, fixed,
                         queued + transfer + fixed)
@@ -270,3 +279,56 @@ def estimate_migration(model: str, tokens: Iterable[int], fit: PrefillFit | None
     tokens = tuple(int(t) for t in tokens)
     seconds = sum(prefill_seconds(t, fit) for t in tokens)
     return MigrationEstimate(model, tokens, fit.a_seconds_per_token, fit.b_seconds, fit.samples, seconds)
+
+
+class TimingLog:
+    """What a node records as it serves, for its ``/status``: prefill timings per model (the
+    samples :func:`fit_prefill` fits) and decode rates. Keeps the last ``window`` samples per
+    model. Plain data; the caller serialises access (one event loop).
+
+    Args:
+        window: samples kept per model.
+    """
+
+    def __init__(self, window: int = 256) -> None:
+        from collections import deque
+
+        self._deque = deque
+        self.window = window
+        self._prefill: dict[str, deque[tuple[int, float]]] = {}
+        self._decode_seconds = 0.0
+        self._decode_tokens = 0
+        self._completions = 0
+        self._completion_tokens = 0
+
+    def record_prefill(self, model: str, tokens: int, seconds: float) -> None:
+        """One prefill of ``tokens`` prompt tokens that took ``seconds`` (to the first token)."""
+        self._prefill.setdefault(model, self._deque(maxlen=self.window)).append((int(tokens), float(seconds)))
+
+    def record_completion(self, tokens: int, decode_seconds: float) -> None:
+        """A finished request: ``tokens`` generated, ``decode_seconds`` from its first token to its last."""
+        self._completions += 1
+        self._completion_tokens += int(tokens)
+        if tokens > 1:
+            self._decode_tokens += int(tokens) - 1
+            self._decode_seconds += float(decode_seconds)
+
+    def fit(self, model: str) -> PrefillFit:
+        """The model's prefill fit (:data:`DEFAULT_FIT` before :data:`MIN_FIT_SAMPLES`)."""
+        return fit_prefill(list(self._prefill.get(model, ())))
+
+    def status(self) -> dict[str, object]:
+        """``{"prefill_fit": {model: {a_seconds_per_token, b_seconds, samples}}, "engine":
+        {decode_seconds_per_token, mean_generated_tokens}}`` (None where nothing was measured)."""
+        fits = {}
+        for model in sorted(self._prefill):
+            f = self.fit(model)
+            fits[model] = {"a_seconds_per_token": f.a_seconds_per_token, "b_seconds": f.b_seconds,
+                           "samples": f.samples, "recorded": len(self._prefill[model])}
+        return {
+            "prefill_fit": fits,
+            "engine": {
+                "decode_seconds_per_token": self._decode_seconds / self._decode_tokens if self._decode_tokens else None,
+                "mean_generated_tokens": self._completion_tokens / self._completions if self._completions else None,
+            },
+        }

@@ -425,14 +425,21 @@ class ResidentModel:
     requests: tuple[RunningRequest, ...] = ()
 
 
+#: The queue a load from each tier waits in on a node (``sllm serve`` queues loads per
+#: resource): a remote pull holds the link, an SSD read the disk; a DRAM hit waits for neither.
+RESOURCE_OF = {"remote": "link", "ssd": "disk", "dram": None, "device": None}
+
+
 @dataclass(frozen=True)
 class LoaderJob:
-    """A load in a node's loader queue (one runs at a time; the others wait).
+    """A load in one of a node's loader queues (per resource, one load at a time each).
 
     Attributes:
         model: what loads. nbytes: its bytes (0 when unknown yet). tier: where its bytes
         come from ("dram", "ssd", "remote"; "" when unknown). elapsed_seconds: how long the
-        running one has been loading (0 for a queued one). running: True for the one loading.
+        running one has held its resource (0 for a queued one). running: it holds its
+        resource now. resource: the queue it is in ("link", "disk"; None: a DRAM hit that
+        waits for none; "" unknown: counted in every queue).
     """
 
     model: str
@@ -440,6 +447,7 @@ class LoaderJob:
     tier: str = ""
     elapsed_seconds: float = 0.0
     running: bool = False
+    resource: str | None = ""
 
 
 @dataclass(frozen=True)
@@ -524,7 +532,8 @@ def parse_status(name: str, status: Mapping[str, Any]) -> NodeState:
             sizes.setdefault(r.model, r.nbytes)
         loader = tuple(
             LoaderJob(j["model"], int(j.get("nbytes") or 0), str(j.get("tier") or ""),
-                      float(j.get("elapsed_seconds", 0.0)), bool(j.get("running", i == 0)))
+                      float(j.get("elapsed_seconds", 0.0)), bool(j.get("running", i == 0)),
+                      j["resource"] if "resource" in j else "")
             for i, j in enumerate(status.get("loader_queue", status.get("loading", ())))
         )
         prefill = {m: PrefillFit(float(f["a_seconds_per_token"]), float(f["b_seconds"]), int(f.get("samples", 0)))

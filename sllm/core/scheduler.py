@@ -237,7 +237,8 @@ def node_option(
                       reasons=(f"resident, serving {busy} request(s)",))
     queued = [j.model for j in state.loader]
     if model in queued:
-        ahead = state.loader[: queued.index(model) + 1]
+        job = state.loader[queued.index(model)]
+        ahead = [j for j in state.loader[: queued.index(model)] if j.resource in ("", job.resource)] + [job]
         q = queue_seconds(spec, ahead, remote_gbps=inventory.remote_gbps)
         return Option(spec.name, "loading", state.loader[queued.index(model)].tier or None, q + prefill,
                       prefill_seconds=prefill, reasons=(f"already in the loader queue: {q:.3f} s left",))

@@ -8,10 +8,12 @@ takes :func:`sllm.core.estimator.estimate_transfer` plus the loader's fixed cost
 take :func:`~sllm.core.estimator.estimate_migration`. Only the engines and links are
 modelled:
 
-- each node has one loader (a queue: one load at a time), a memory budget for resident
-  weights (least recently used idle models unload to make room; a load waits for room
-  while models in use hold it), DRAM and SSD tiers with LRU eviction under their
-  capacities (a load fills both on its way up), and the remote behind every node;
+- each node queues loads per resource as ``sllm serve`` does: a remote pull holds its link,
+  an SSD read its disk, one load at a time each, a DRAM hit neither; then the load waits
+  for room in the memory budget (least recently used idle models unload to make room; it
+  waits while models in use hold it) and pays the loader's fixed cost. DRAM and SSD tiers
+  evict LRU under their capacities (a load fills both on its way up); the remote is behind
+  every node;
 - a resident model serves any number of requests at once (batched): a request takes
   ``a * prompt + b`` to its first token (the node's prefill fit) and then
   ``generated * decode_seconds_per_token``; a model idle for ``keep_alive_seconds`` unloads;
@@ -41,6 +43,7 @@ from typing import Any
 
 from sllm.core.estimator import DEFAULT_FIT, estimate_migration, estimate_transfer, prefill_seconds
 from sllm.core.inventory import (
+    RESOURCE_OF,
     Inventory,
     LoaderJob,
     NodeSpec,
@@ -200,6 +203,8 @@ class _Job:
     tier: str
     created: float
     start: float | None = None
+    resource: str | None = None
+    work_seconds: float = 0.0  # transfer + fixed cost: the rest of its time is queueing
 
 
 class _Node:
@@ -207,7 +212,8 @@ class _Node:
         import simpy
 
         self.env, self.spec = env, spec
-        self.loader = simpy.Resource(env, capacity=1)
+        self.link = simpy.Resource(env, capacity=1)  # remote pulls, one at a time
+        self.disk = simpy.Resource(env, capacity=1)  # SSD reads, one at a time
         self.jobs: list[_Job] = []
         self.loading: dict[str, Any] = {}
         self.instances: dict[str, _Instance] = {}
@@ -255,8 +261,8 @@ class _Node:
         models = set(self.dram.items) | set(self.ssd.items)
         tiers = {m: tuple(t for t, lru in (("dram", self.dram), ("ssd", self.ssd)) if m in lru) for m in sorted(models)}
         jobs = sorted(self.jobs, key=lambda j: (j.start is None, j.created))
-        loader = tuple(LoaderJob(j.model, j.nbytes, j.tier, 0.0 if j.start is None else now - j.start, j.start is not None)
-                       for j in jobs)
+        loader = tuple(LoaderJob(j.model, j.nbytes, j.tier, 0.0 if j.start is None else now - j.start,
+                                 j.start is not None, j.resource) for j in jobs)
         budget = None if math.isinf(self.budget) else int(self.budget)
         return NodeState(self.spec.name, max_memory_bytes=budget, resident=tuple(resident), tiers=tiers,
                          loader=loader, prefill=_AnyModel(fit or self.fit), has_remote=True,
@@ -346,7 +352,7 @@ class Simulation:
         yield env.timeout(prefill_seconds(r.prompt_tokens, node.fit))
         ttft = env.now - r.arrival_seconds
         startup = ready - r.arrival_seconds
-        queued = 0.0 if job is None or job.start is None else max(0.0, job.start - r.arrival_seconds)
+        queued = 0.0 if job is None else max(0.0, startup - job.work_seconds)
         tier = "device" if job is None else job.tier
         self.records.append(RequestRecord(r.id, r.model, node_name, r.arrival_seconds, ttft, startup, queued, tier))
         act.decode_start = env.now
@@ -360,27 +366,36 @@ class Simulation:
         env, nbytes = self.env, self.models[model]
         done = env.event()
         node.loading[model] = done
-        job = _Job(model, nbytes, node.tier_of(model), env.now)
+        tier = node.tier_of(model)
+        job = _Job(model, nbytes, tier, env.now, resource=RESOURCE_OF[tier])
         node.jobs.append(job)
+        resource = {"link": node.link, "disk": node.disk}.get(job.resource or "")
+        seconds = estimate_transfer(node.spec, tier, nbytes, remote_gbps=self.inventory.remote_gbps)
+        job.work_seconds = seconds + node.spec.loader_fixed_seconds
         try:
-            with node.loader.request() as req:
-                yield req
-                while node.used() + nbytes > node.budget:
-                    idle = [i for i in node.instances.values() if node.idle(i)]
-                    if idle:
-                        node.unload(min(idle, key=lambda i: (i.last_used, i.model)).model)
-                        continue
-                    yield node._freed
-                job.tier, job.start = node.tier_of(model), env.now
-                node.reserved += nbytes
-                seconds = estimate_transfer(node.spec, job.tier, nbytes, remote_gbps=self.inventory.remote_gbps)
-                yield env.timeout(seconds + node.spec.loader_fixed_seconds)
-                node.reserved -= nbytes
-                node.instances[model] = _Instance(model, nbytes, env.now)
-                protected = set(node.instances) if node.spec.device_kind == "cpu" else set()
-                node.dram.put(model, nbytes, protected)
-                node.ssd.put(model, nbytes)
-                self.loads[job.tier] += 1
+            if resource is None:  # a DRAM hit queues for nothing
+                job.start = env.now
+                yield env.timeout(seconds)
+            else:
+                with resource.request() as req:
+                    yield req
+                    job.start = env.now
+                    yield env.timeout(seconds)
+            job.resource, job.start = None, None  # out of the resource's queue; its bytes still count
+            while node.used() + nbytes > node.budget:  # then room in the memory budget
+                idle = [i for i in node.instances.values() if node.idle(i)]
+                if idle:
+                    node.unload(min(idle, key=lambda i: (i.last_used, i.model)).model)
+                    continue
+                yield node._freed
+            node.reserved += nbytes
+            yield env.timeout(node.spec.loader_fixed_seconds)
+            node.reserved -= nbytes
+            node.instances[model] = _Instance(model, nbytes, env.now)
+            protected = set(node.instances) if node.spec.device_kind == "cpu" else set()
+            node.dram.put(model, nbytes, protected)
+            node.ssd.put(model, nbytes)
+            self.loads[tier] += 1
         finally:
             node.jobs.remove(job)
             del node.loading[model]
