@@ -175,3 +175,15 @@ def test_down_node_is_skipped(cluster):
     assert [o["node"] for o in doc["options"]][0] == "b"
     text, h, _ = stream(cluster.url("c"))
     assert h[SERVED_BY_HEADER] == "b" and text == cluster.reference
+
+
+def test_apply_loads_the_model_on_the_best_node(cluster):
+    r = subprocess.run([sys.executable, "-m", "sllm", "schedule-plan", "gpt2-b", "--inventory", str(cluster.inventory),
+                        "--apply", "--no-migration", "--json", "--timeout", "2"], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    best = doc["best"]
+    assert doc["applied"]["node"] == best and best in ("b", "c")
+    res = httpx.get(cluster.url(best) + "/status", timeout=30).json()["resident"]
+    assert "gpt2-b" in [x["model"] for x in res]

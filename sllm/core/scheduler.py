@@ -7,7 +7,11 @@ token, from plain data (the :class:`~sllm.core.inventory.Inventory` and each nod
 - the model is resident: 0 s (action "resident");
 - it is already in the node's loader queue: what is left of the queue up to it ("loading");
 - the node has room: load it from the fastest tier holding it, the remote pull included
-  on nodes that hold nothing ("load");
+  on nodes that hold nothing ("load"). A remote pull is an option on a busy node (loading
+  or serving) only when no node holds the model locally: a pull holds the node's loader
+  for seconds, which delays every later load there by as much, a cost this request's
+  estimate does not show (``--simulate`` on the Azure conversation trace: without the rule
+  the scheduler's P99 is up to 5x worse under load);
 - the node lacks room: free it by unloading idle, unpinned models, least recently used
   first (each costs :data:`UNLOAD_SECONDS`; "unload"), and when that is not enough and
   migration is available, by migrating the running requests of busy models to the node
