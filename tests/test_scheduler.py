@@ -136,11 +136,13 @@ def test_busy_node_waits_for_room_when_it_reports_decode_rate_and_completion_len
     [a, b] = sorted(plan("m", inv, states).options, key=lambda o: o.node)
     # x's requests end in (100 - 20) * 0.01 = 0.8 s and (100 - 80) * 0.01 = 0.2 s: x frees 2 GB after 0.8 s
     assert a.action == "wait" and a.freeing_seconds == pytest.approx(0.8) and a.seconds == pytest.approx(1.0)
-    # b holds nothing locally, serves y, and a holds m: a remote pull on busy b is not an option
-    assert b.action == "unavailable" and "holds it locally" in b.reasons[0]
+    # b has room beside y and pulls m from the remote (2.125 s)
+    assert b.action == "load" and b.seconds == pytest.approx(2.125)
     assert plan("m", inv, states).best.node == "a"
-    idle_b = {**states, "b": state("b", budget=2 * GB)}
-    assert {o.node: o.action for o in plan("m", inv, idle_b).options} == {"a": "wait", "b": "load"}
+    # b does not report its decode rate: busy b, with no room, cannot say when it will have some
+    full_b = {**states, "b": state("b", resident=[ResidentModel("y", 2 * GB, requests=(RunningRequest("q", 5, 1),))],
+                                   budget=2 * GB)}
+    assert {o.node: o.action for o in plan("m", inv, full_b).options} == {"a": "wait", "b": "unavailable"}
 
 
 def test_unknown_size_and_oversized_models():

@@ -7,11 +7,7 @@ token, from plain data (the :class:`~sllm.core.inventory.Inventory` and each nod
 - the model is resident: 0 s (action "resident");
 - it is already in the node's loader queue: what is left of the queue up to it ("loading");
 - the node has room: load it from the fastest tier holding it, the remote pull included
-  on nodes that hold nothing ("load"). A remote pull is an option on a busy node (loading
-  or serving) only when no node holds the model locally: a pull holds the node's loader
-  for seconds, which delays every later load there by as much, a cost this request's
-  estimate does not show (``--simulate`` on the Azure conversation trace: without the rule
-  the scheduler's P99 is up to 5x worse under load);
+  on nodes that hold nothing ("load");
 - the node lacks room: free it by unloading idle, unpinned models, least recently used
   first (each costs :data:`UNLOAD_SECONDS`; "unload"), and when that is not enough and
   migration is available, by migrating the running requests of busy models to the node
@@ -38,7 +34,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from sllm.core.estimator import (
@@ -226,7 +222,6 @@ def node_option(
     migration: bool = False,
     reserved: Mapping[str, int] | None = None,
     unload_seconds: float = UNLOAD_SECONDS,
-    remote_when_busy: bool = True,
 ) -> Option:
     """The option of one up node (module docstring); ``reserved``: bytes already promised on
     nodes by migrations planned in this pass."""
@@ -248,10 +243,6 @@ def node_option(
                       prefill_seconds=prefill, reasons=(f"already in the loader queue: {q:.3f} s left",))
     if tier is None:
         return Option(spec.name, "unavailable", None, math.inf, reasons=("no tier holds it and the node has no remote",))
-    if tier == "remote" and not remote_when_busy and (state.loader or any(r.requests for r in state.resident)):
-        return Option(spec.name, "unavailable", tier, math.inf,
-                      reasons=("a node holds it locally, and this one is busy: a remote pull here would hold its "
-                               "loader for every later request",))
     budget = _budget(spec, state)
     if budget is not None and nbytes > budget:
         return Option(spec.name, "unavailable", tier, math.inf,
@@ -378,7 +369,6 @@ def plan(
         SchedulingError: the model's size is unknown.
     """
     nbytes = nbytes if nbytes is not None else model_size(model, inventory, states)
-    local = any(st.up and source_tier(model, replace(st, has_remote=False)) is not None for st in states.values())
     options, down = [], []
     for name, spec in sorted(inventory.nodes.items()):
         if name in exclude:
@@ -388,8 +378,7 @@ def plan(
             down.append((name, state.error if state is not None and state.error else "no status"))
             continue
         options.append(node_option(model, nbytes, spec, state, inventory=inventory, states=states,
-                                   prompt_tokens=prompt_tokens, migration=migration, unload_seconds=unload_seconds,
-                                   remote_when_busy=not local))
+                                   prompt_tokens=prompt_tokens, migration=migration, unload_seconds=unload_seconds))
     options.sort(key=Option.sort_key)
     return Plan(model, nbytes, prompt_tokens, tuple(options), tuple(down), migration)
 
