@@ -130,7 +130,7 @@ def stream(url: str, headers: dict | None = None) -> tuple[str, dict, list[str]]
 def test_status_reports_what_the_scheduler_needs(cluster):
     st = httpx.get(cluster.url("a") + "/status", timeout=30).json()
     [m] = [m for m in st["models"] if m["model"] == "gpt2-a"]
-    assert m["tiers"] == ["dram", "ssd"] and m["nbytes"] > 0
+    assert m["tiers"] == ["dram", "ssd"] and st["model_bytes"]["gpt2-a"] > 0
     assert st["loader_queue"] == [] and st["resident"] == []
     assert st["prefill_fit"]["gpt2-a"]["recorded"] == 1 and st["prefill_fit"]["gpt2-a"]["samples"] == 0  # default yet
     assert st["engine"]["mean_generated_tokens"] > 0

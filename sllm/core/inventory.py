@@ -528,6 +528,9 @@ def parse_status(name: str, status: Mapping[str, Any]) -> NodeState:
             tiers[m["model"]] = tuple(t for t in m.get("tiers", ()) if t in ("dram", "ssd", "local"))
             if m.get("nbytes"):
                 sizes[m["model"]] = int(m["nbytes"])
+        for name, nbytes in (status.get("model_bytes") or {}).items():
+            if nbytes:
+                sizes[name] = int(nbytes)
         for r in resident:
             sizes.setdefault(r.model, r.nbytes)
         loader = tuple(

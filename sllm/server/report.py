@@ -129,7 +129,7 @@ async def status(m: ModelManager) -> dict[str, Any]:
     ids = sorted(set(m.entries) | set(cached))
     sizes = await m.in_meta(_sizes, m, ids)
     models = [{"model": mid, "source": m.entries[mid].kind if mid in m.entries else "cache",
-               "tiers": m.tiers_of(mid), "nbytes": sizes.get(mid)}
+               "tiers": m.tiers_of(mid)}
               for mid in ids]
     return {
         "uptime_seconds": now - m.started,
@@ -147,6 +147,7 @@ async def status(m: ModelManager) -> dict[str, Any]:
         "cache": cache,
         "last_cold_start": None if m.last_cold is None else dataclasses.asdict(m.last_cold),
         "counters": dict(m.counters),
+        "model_bytes": sizes,
         "loader_queue": loader_queue(m, sizes),
         **m.timings.status(),
     }
