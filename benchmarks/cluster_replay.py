@@ -11,8 +11,10 @@ A program, not a test: it prints tables and one JSON line, and asserts nothing o
    Azure conversation trace (rescaled to ``--rps``, token counts clipped to what the tiny
    models take, each request for one of the models, Zipf popularity) through the three
    front doors in turn, measuring every request's time to first token. Then it runs
-   ``--simulate``'s code (policy ``sllm``) on the same inventory, models and requests and
-   compares P50 and P99.
+   ``--simulate``'s code (policy ``sllm``) on the same inventory, models and requests (each
+   entering at the same front door; a forwarded one pays the hop measured at calibration:
+   a warm request through another node less the same request sent straight) and compares
+   P50 and P99.
 2. **Policy table** (``--policy-table``, no servers): the simulated policies on the Azure
    conversation trace at several rates, on ``benchmarks/gpu_cluster.toml``.
 
@@ -177,12 +179,15 @@ def calibrate(nodes: Nodes, nbytes: int) -> dict:
         complete(url, "calib", [(7 * i) % 50000 for i in range(n)], 12, pin)
     st = httpx.get(url + "/status", timeout=30).json()
     fit, engine = st["prefill_fit"]["calib"], st["engine"]
+    prompt = [(7 * i) % 50000 for i in range(64)]
+    direct = statistics.median(complete(url, "calib", prompt, 2, pin) for _ in range(5))
+    via = statistics.median(complete(nodes.url("b"), "calib", prompt, 2) for _ in range(5))  # b forwards to a
     httpx.post(url + "/v1/cache/calib/evict", timeout=30)  # every tier: the trace starts from empty caches
     fixed = loads["dram"]
     return {"fixed_seconds": fixed, "ssd_gbps": nbytes / max(1e-6, loads["ssd"] - fixed) / 1e9,
             "remote_gbps": nbytes / max(1e-6, loads["remote"] - fixed) / 1e9, "a": fit["a_seconds_per_token"],
             "b": fit["b_seconds"], "fit_samples": fit["samples"], "decode": engine["decode_seconds_per_token"],
-            "cold_starts": loads}
+            "forward_seconds": max(0.0, via - direct), "cold_starts": loads}
 
 
 def workload(rps: float, duration: float, models: list[str], seed: int, max_prompt: int, max_gen: int):
@@ -192,7 +197,8 @@ def workload(rps: float, duration: float, models: list[str], seed: int, max_prom
 
     reqs = read_azure_trace(TRACE, rps=rps, duration=duration)
     reqs = [replace(r, prompt_tokens=max(1, min(r.prompt_tokens, max_prompt)),
-                    generated_tokens=max(1, min(r.generated_tokens, max_gen))) for r in reqs]
+                    generated_tokens=max(1, min(r.generated_tokens, max_gen)), door=NODES[i % len(NODES)])
+            for i, r in enumerate(reqs)]  # the front doors in turn
     return assign_models(reqs, models, seed=seed, popularity="zipf:1")
 
 
@@ -203,7 +209,7 @@ def replay(nodes: Nodes, reqs) -> list[dict]:
 
     def one(i: int, r) -> None:
         time.sleep(max(0.0, t0 + r.arrival_seconds - time.perf_counter()))
-        door = NODES[i % len(NODES)]
+        door = r.door
         prompt = [(r.id * 31 + k * 7) % 50000 for k in range(r.prompt_tokens)]
         try:
             ttft, err = complete(nodes.url(door), r.model, prompt, r.generated_tokens), None
@@ -304,14 +310,15 @@ def main() -> int:
         server.close()
     inv = TomlInventory(nodes.inventory).load()
     sim = Simulation(inv, {m: sizes[m] for m in models}, reqs, "sllm",
-                     SimConfig(keep_alive_seconds=args.keep_alive, replicas=0, seed=args.seed)).run()
+                     SimConfig(keep_alive_seconds=args.keep_alive, replicas=0, seed=args.seed,
+                               forward_seconds=prof["forward_seconds"])).run()
     got = [m["ttft_seconds"] for m in measured if m["ttft_seconds"] is not None]
     simulated = [r.ttft_seconds for r in sim.records if r.ttft_seconds is not None]
     errors = [m for m in measured if m["error"]]
     print(f"calibrated on node a: fixed {prof['fixed_seconds']:.3f} s, ssd {prof['ssd_gbps']:.3f} GB/s, remote "
           f"{prof['remote_gbps']:.3f} GB/s (HTTP throttled to {args.throttle_mbps:g} MB/s), prefill "
           f"{prof['a'] * 1e6:.1f} us/token + {prof['b'] * 1e3:.1f} ms ({prof['fit_samples']} samples), decode "
-          f"{prof['decode'] * 1e3:.1f} ms/token")
+          f"{prof['decode'] * 1e3:.1f} ms/token, front-door hop {prof['forward_seconds'] * 1e3:.1f} ms")
     print(f"replayed {len(reqs)} requests ({len(errors)} failed) over {args.duration:g} s at {args.rps:g} req/s, "
           f"{len(models)} models of {nbytes / 1e6:.0f} MB, 3 nodes (2.5 models of memory, 3.5 of DRAM each)")
     print(f"{'':<10}{'mean s':>9}{'P50 s':>9}{'P90 s':>9}{'P99 s':>9}")

@@ -172,3 +172,15 @@ def test_cli_simulate_json_and_plot(tmp_path):
     bad = CliRunner().invoke(app, ["schedule-plan", "--inventory", str(inv), "--simulate", "gamma:rps=1",
                                    "--models", "m=1GB", "--policy", "nope"])
     assert bad.exit_code == 2 and "--policy 'nope'" in bad.stderr
+
+
+def test_a_request_entering_at_another_node_pays_the_front_door_hop():
+    from dataclasses import replace
+
+    inv = Inventory({"a": gpu_node("a"), "b": gpu_node("b")})
+    cfg = replace(CFG, forward_seconds=0.05)
+    reqs = [replace(req(0, 0.0, "m"), door="b"), replace(req(1, 5.0, "m"), door="b"), replace(req(2, 6.0, "m"), door="a")]
+    res = Simulation(inv, {"m": GB}, reqs, "sllm", cfg).run()  # replicas=1: m is on a's SSD
+    assert [r.node for r in res.records] == ["a", "a", "a"]
+    # cold through b (hop + 0.625 s load + 0.11 s prefill), warm through b (hop + prefill), warm at a (prefill)
+    assert [r.ttft_seconds for r in res.records] == pytest.approx([0.05 + 0.735, 0.05 + 0.11, 0.11])

@@ -73,6 +73,9 @@ class SimConfig:
         prefill: the prefill fit of nodes that give none (``[nodes.X.engine]``).
         decode_seconds_per_token: decode time per generated token of nodes that give none.
         seed: seeds the ``random`` and ``availability`` choices.
+        forward_seconds: a front door's routing and forwarding hop, added before the first
+            token of a request that enters at a node (``Request.door``) other than the one
+            that serves it (0: not modelled).
     """
 
     keep_alive_seconds: float = 60.0
@@ -80,6 +83,7 @@ class SimConfig:
     prefill: PrefillFit = PrefillFit(1e-4, 0.02, 0)
     decode_seconds_per_token: float = 0.02
     seed: int = 0
+    forward_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -332,6 +336,8 @@ class Simulation:
         env = self.env
         node_name, option = self.choose(r)
         node = self.nodes[node_name]
+        if r.door and r.door != node_name and self.config.forward_seconds:
+            yield env.timeout(self.config.forward_seconds)  # the front door's hop
         for mv in (option.migrate if option is not None else ()):
             env.process(self._migrate(node, mv))
         node.pending[r.model] += 1

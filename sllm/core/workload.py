@@ -36,7 +36,8 @@ class Request:
     Attributes:
         id: index in the workload. arrival_seconds: from the workload's start.
         prompt_tokens, generated_tokens: its token counts. model: the model it asks for
-        ("" until :func:`assign_models`).
+        ("" until :func:`assign_models`). door: the node it is sent to ("" for none: the
+        scheduler's choice is where it enters).
     """
 
     id: int
@@ -44,6 +45,7 @@ class Request:
     prompt_tokens: int
     generated_tokens: int
     model: str = ""
+    door: str = ""
 
 
 def _parse_time(text: str, where: str) -> float:

@@ -41,6 +41,8 @@ ESTIMATE_HEADER = "x-sllm-estimate-seconds"
 RELAYED = ("content-type", "x-sllm-load-seconds", SERVED_BY_HEADER, "x-should-retry", "cache-control")
 #: Seconds to wait for another node's ``/status`` when routing.
 ROUTE_STATUS_TIMEOUT = 0.5
+#: Seconds a forwarded request may wait for the next bytes of its answer (a cold start counts).
+FORWARD_READ_SECONDS = 600.0
 
 
 @dataclass(frozen=True)
@@ -87,9 +89,9 @@ class FrontDoor:
         self._client: httpx.AsyncClient | None = None
 
     def client(self) -> httpx.AsyncClient:
-        """The shared HTTP client for forwarding (no read timeout: a cold start may be long)."""
+        """The shared HTTP client for forwarding (a long read timeout: a cold start may take minutes)."""
         if self._client is None:
-            self._client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0))
+            self._client = httpx.AsyncClient(timeout=httpx.Timeout(FORWARD_READ_SECONDS, connect=5.0))
         return self._client
 
     async def close(self) -> None:
