@@ -27,6 +27,8 @@ The tree::
     ├── DestinationExists             exit 2: DST exists and --force was not given
     ├── CacheError                    exit 1: the tier cache cannot do what was asked
     ├── RemoteError                   exit 1: a remote store failed (404, truncated, unreachable)
+    ├── InventoryError                exit 2: a cluster inventory (or node profile) file is bad
+    ├── SchedulingError               exit 1: no node can start the model (schedule-plan)
     ├── ServerError                   exit 1: a node's HTTP API answered with an error
     └── MigrationError                exit 1: a live migration could not complete
 
@@ -142,6 +144,18 @@ class CacheError(SllmError):
 
 class RemoteError(SllmError):
     """A remote store failed: not found, truncated, unreachable, or a checksum mismatch."""
+
+
+class InventoryError(SllmError):
+    """A cluster inventory or node profile TOML file that cannot be read or is invalid (exit 2).
+
+    The message names the file and the key at fault."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class SchedulingError(SllmError):
+    """No node of the cluster can start the model (all down, too small, or its size unknown)."""
 
 
 class ServerError(SllmError):

@@ -58,6 +58,25 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
         ("A converted checkpoint, with its Hugging Face source for the baselines, as JSON:",
          "sllm load-bench ./opt.sllm --hf-dir ./opt-1.3b --json > bench.json"),
     ],
+    "schedule-plan": [
+        ("Rank the nodes for a model, with each option's breakdown:",
+         "sllm schedule-plan opt-1.3b --inventory cluster.toml"),
+        ("The same for a 2,000-token prompt, as JSON, then carry out the best option:",
+         "sllm schedule-plan opt-1.3b --inventory cluster.toml --prompt-tokens 2000 --json\n"
+         "sllm schedule-plan opt-1.3b --inventory cluster.toml --apply --no-migration"),
+        ("Simulate every policy on the Azure conversation trace at 2 requests/s, with a CDF plot:",
+         "sllm schedule-plan --simulate AzureLLMInferenceTrace_conv.csv --rps 2 --duration 1200 \\\n"
+         "    --inventory cluster.toml --models opt-6.7b=13.4GBx64 --popularity zipf:1 --plot ttft.png"),
+        ("A synthetic bursty workload (Gamma arrivals, CV 8), two policies:",
+         "sllm schedule-plan --simulate gamma:rps=1.4,cv=8,duration=600 --inventory cluster.toml \\\n"
+         "    --models opt-1.3b=2.6GBx16 --policy sllm,serverlessllm --seed 1"),
+    ],
+    "inventory": [
+        ("Profile this node and add it to the inventory:",
+         "sllm load-bench ./opt-1.3b --tiers --profile node-a.toml\n"
+         "sllm inventory add node-a.toml --inventory cluster.toml --url http://10.0.0.1:8343 --api-key-env KEY_A"),
+        ("Show the nodes and their live state:", "sllm inventory show --inventory cluster.toml"),
+    ],
 }  # fmt: skip
 
 #: Files per command path: (path, what it is). Plain text (escaped when written).
@@ -78,7 +97,32 @@ FILES: dict[str, list[tuple[str, str]]] = {
         ("HF_DIR/../.sllm-bench-NAME/", "the default work directory: the conversion (sllm/) and a "
          "pytorch_model.bin copy when the source has safetensors only. Reused by later runs; delete it when done."),
     ],
+    "schedule-plan": [
+        ("cluster.toml", "the cluster inventory (default of --inventory, or SLLM_INVENTORY); format above."),
+        ("TRACE.csv", "an Azure LLM inference trace: a header TIMESTAMP,ContextTokens,GeneratedTokens, one row per "
+         "request, TIMESTAMP as YYYY-MM-DD HH:MM:SS[.fraction]."),
+    ],
+    "inventory": [
+        ("cluster.toml", "the cluster inventory, rewritten atomically by add; format above."),
+        ("node-profile.toml", "a node profile written by sllm load-bench --tiers: one [node] table."),
+    ],
 }  # fmt: skip
+
+def _inventory_format() -> str:
+    """The cluster inventory's TOML format: the literal block of sllm.core.inventory's docstring."""
+    import textwrap
+
+    from sllm.core import inventory
+
+    block = inventory.__doc__.split("::\n", 1)[1].split("\nIt does not", 1)[0]
+    return textwrap.dedent(block).strip("\n")
+
+
+#: Extra sections per command path: (heading, preformatted text or a callable giving it).
+SECTIONS: dict[str, list[tuple[str, Any]]] = {
+    "schedule-plan": [("INVENTORY FORMAT", _inventory_format)],
+    "inventory": [("INVENTORY FORMAT", _inventory_format)],
+}
 
 #: Variables every command reads: (name, meaning).
 GLOBAL_ENV: list[tuple[str, str]] = [
@@ -347,6 +391,8 @@ def render_command(path: list[str], cmd: Any, ctx: Any, pages: list[str], versio
             for para in paragraphs(sub.help):
                 lines += [".PP", esc(para)]
             lines += _options_section(sub, sub_ctx, heading=".PP")
+    for heading, text in SECTIONS.get(key, []):
+        lines += [f".SH {heading}", ".nf", esc(text() if callable(text) else text), ".fi"]
     lines += _exit_status() + _environment(_envvars(cmd, ctx)) + _files(key)
     lines += _examples(key, words) + _see_also(pages, page_name(path))
     return "\n".join(lines) + "\n"

@@ -87,15 +87,19 @@ def emit_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
-def table(title: str | None, columns: list[str], rows: list[list[Any]]) -> None:
-    """Print a rich table on stdout; numeric columns right-aligned."""
+def table(title: str | None, columns: list[str], rows: list[list[Any]], *, min_width: int | None = None) -> None:
+    """Print a rich table on stdout; numeric columns right-aligned. ``min_width``: columns
+    to assume when stdout is not a terminal (rich assumes 80 there, which cuts wide tables)."""
     t = Table(title=title)
     for i, c in enumerate(columns):
         numeric = rows and all(isinstance(r[i], (int, float)) for r in rows)
         t.add_column(c, justify="right" if numeric else "left")
     for r in rows:
         t.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in r])
-    stdout.print(t)
+    if min_width and not stdout.is_terminal:
+        Console(file=sys.stdout, width=max(stdout.width, min_width)).print(t)
+    else:
+        stdout.print(t)
 
 
 @contextlib.contextmanager

@@ -182,6 +182,17 @@ def serve(
     log_level: Annotated[
         str, typer.Option("--log-level", help="stderr log level: debug, info (access log), warning, error.")
     ] = "warning",
+    inventory: Annotated[
+        Path | None,
+        typer.Option("--inventory", envvar="SLLM_INVENTORY", metavar="FILE",
+                     help="A cluster inventory (sllm-schedule-plan(1)): make this node a front door that forwards a "
+                     "request to the node the scheduler picks and streams the answer back (one hop)."),
+    ] = None,
+    node_name: Annotated[
+        str | None,
+        typer.Option("--node-name", metavar="NAME", help="With --inventory: this node's name there (default: the "
+                     "node whose url is this node's address)."),
+    ] = None,
     json_out: Annotated[
         bool, typer.Option("--json", help='Once listening, print one line {"url": ..., "models": [...]} on stdout.')
     ] = False,
@@ -259,16 +270,45 @@ def serve(
             deterministic=deterministic,
         ),
     )
-    _run(config, host, port, log_level, json_out)
+    inv = None
+    if inventory is not None:
+        from sllm.core.inventory import TomlInventory
+
+        inv = TomlInventory(inventory).load()
+    elif node_name is not None:
+        raise UsageError("--node-name needs --inventory")
+    _run(config, host, port, log_level, json_out, inv, node_name)
 
 
-def _run(config: Any, host: str, port: int, log_level: str, json_out: bool) -> None:
+def _front_door(inv: Any, node_name: str | None, url: str) -> Any:
+    """The :class:`~sllm.server.frontdoor.FrontDoor` of this node (found by name, else by URL).
+
+    Raises:
+        UsageError: no node of the inventory is this one.
+    """
+    from sllm.server.frontdoor import FrontDoor
+
+    if node_name is None:
+        same = [n for n, s in inv.nodes.items() if s.url.rstrip("/") == url.rstrip("/")
+                or s.url.rstrip("/") == url.replace("127.0.0.1", "localhost").rstrip("/")]
+        if len(same) != 1:
+            raise UsageError(f"--inventory {inv.source}: no node has url {url}; name this node with --node-name")
+        node_name = same[0]
+    return FrontDoor(inv, node_name)
+
+
+def _run(config: Any, host: str, port: int, log_level: str, json_out: bool, inv: Any = None,
+         node_name: str | None = None) -> None:
     """Bind, build the app, announce once listening, serve until a signal."""
     from sllm.server.app import NodeServer, create_app, uvicorn_config
 
-    app = create_app(config)
     sock = _bind(host, port)
     url = _url(sock)
+    try:
+        app = create_app(config, front_door=_front_door(inv, node_name, url) if inv is not None else None)
+    except BaseException:
+        sock.close()
+        raise
     ids = app.state.manager.scan()
 
     def announce() -> None:

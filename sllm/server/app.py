@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from sllm.errors import UsageError
 from sllm.server import schemas
 from sllm.server.cache_api import add_cache_routes, error_body_for
+from sllm.server.frontdoor import FrontDoor
 from sllm.server.gate import LOAD_HEADER, Gate
 from sllm.server.models import ModelLoadFailed, ModelManager, ModelNotFound, NotInTier, ServeConfig, TierConflict
 from sllm.server.requests import END_GRACE_SECONDS, Requests, _unavailable
@@ -48,17 +49,20 @@ log = logging.getLogger("sllm.server")
 
 
 def create_app(
-    config: ServeConfig, *, clock: Callable[[], float] = time.monotonic, manager: ModelManager | None = None
+    config: ServeConfig, *, clock: Callable[[], float] = time.monotonic, manager: ModelManager | None = None,
+    front_door: FrontDoor | None = None,
 ) -> FastAPI:
     """The app for one node. The manager starts (keep-alive reaper) and closes (unloads
     every model) with the app's lifespan; ``app.state.requests.drain`` ends it gracefully.
+    With ``front_door`` (``sllm serve --inventory``) a completion request may be forwarded
+    to the node the scheduler picks (``frontdoor.py``).
 
     Raises:
         OSError: ``config.models_dir`` cannot be listed.
         CacheError: ``config.cache``'s directory cannot be created or locked.
     """
     manager = manager or ModelManager(config, clock=clock)
-    requests = Requests(manager, config.limits)
+    requests = Requests(manager, config.limits, front_door=front_door)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -67,6 +71,8 @@ def create_app(
             yield
         finally:
             requests.close()
+            if front_door is not None:
+                await front_door.close()
             await manager.close()
 
     app = FastAPI(title="sllm node", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None)

@@ -128,6 +128,10 @@ class ModelManager:
         self.started = clock()
         self.last_cold: ColdStart | None = None
         self.counters = {"requests": 0, "warm_requests": 0, "loads": 0, "load_failures": 0, "unloads": 0}
+        from sllm.core.estimator import TimingLog
+
+        self.timings = TimingLog()  # prefill timings and decode rates, for /status (the scheduler's estimates)
+        self.holding: dict[str, tuple[str, float]] = {}  # model -> (the resource its load holds, since when)
         self.scan()
 
     async def in_meta(self, fn: Callable[..., T], *args: Any) -> T:
@@ -354,9 +358,11 @@ class ModelManager:
             await sem.acquire()
         finally:
             self.waits.pop(entry.model_id, None)
+        self.holding[entry.model_id] = (resource, self.clock())
         try:
             yield
         finally:
+            self.holding.pop(entry.model_id, None)
             sem.release()
 
     async def _load(self, entry: Entry, arrived: float) -> None:

@@ -127,9 +127,11 @@ async def status(m: ModelManager) -> dict[str, Any]:
         )
     pool = m.pool.stats()
     cached = m.snapshot.cached
+    ids = sorted(set(m.entries) | set(cached))
+    sizes = await m.in_meta(_sizes, m, ids)
     models = [{"model": mid, "source": m.entries[mid].kind if mid in m.entries else "cache",
                "tiers": m.tiers_of(mid)}
-              for mid in sorted(set(m.entries) | set(cached))]
+              for mid in ids]
     return {
         "uptime_seconds": now - m.started,
         "device": m.config.device,
@@ -146,6 +148,47 @@ async def status(m: ModelManager) -> dict[str, Any]:
         "cache": cache,
         "last_cold_start": None if m.last_cold is None else dataclasses.asdict(m.last_cold),
         "counters": dict(m.counters),
+        "model_bytes": sizes,
+        "loader_queue": loader_queue(m, sizes),
+        **m.timings.status(),
     }
+
+
+def _sizes(m: ModelManager, ids: list[str]) -> dict[str, int]:
+    """Metadata thread: the weights' bytes of each model the node holds (resident, local or
+    cached), where known (checkpoint facts are cached by the catalogue)."""
+    out: dict[str, int] = {}
+    for mid in ids:
+        e = m.entries.get(mid)
+        nbytes = None
+        if e is not None and e.resident is not None:
+            nbytes = e.resident.nbytes
+        elif e is not None and e.kind == "local" and e.path is not None:
+            nbytes = m.catalogue.facts(e.path).nbytes
+        elif m.tiers is not None:
+            nbytes = m.tiers.nbytes_of(mid)
+        if nbytes:
+            out[mid] = int(nbytes)
+    return out
+
+
+def loader_queue(m: ModelManager, sizes: dict[str, int]) -> list[dict[str, Any]]:
+    """The loads in progress, for the scheduler's queue estimate (sllm.core.estimator): model,
+    nbytes (None when unknown), tier (where its bytes come from: "dram", "ssd" or "remote"),
+    resource (the queue it needs: "link" for a remote pull, "disk" for a read, None for a
+    DRAM hit), running (it holds that resource now), elapsed_seconds (since it took it),
+    waiting_requests. Running ones first."""
+    now, rows = m.clock(), []
+    for mid in sorted(m.entries):
+        e = m.entries[mid]
+        if e.loading is None:
+            continue
+        local = [t for t in m.tiers_of(mid) if t in ("dram", "ssd", "local")]
+        tier = "ssd" if local[:1] == ["local"] else (local[0] if local else "remote")
+        held = m.holding.get(mid)
+        rows.append({"model": mid, "nbytes": sizes.get(mid), "tier": tier,
+                     "resource": {"remote": "link", "ssd": "disk"}.get(tier), "running": held is not None,
+                     "elapsed_seconds": now - held[1] if held else 0.0, "waiting_requests": e.waiting})
+    return sorted(rows, key=lambda r: not r["running"])
 
 

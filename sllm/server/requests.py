@@ -4,6 +4,9 @@ request's life"):
 1. **admit**: the limits (:class:`~sllm.server.state.RequestLimits`) before any work: prompt
    size, message count, stop strings (the body size and the keys are checked earlier, by
    :mod:`sllm.server.gate`); and no new work while the node drains.
+1b. **route**, on a front door (``sllm serve --inventory``): a request that was not forwarded
+   already goes to the node the scheduler places it on, and its answer is relayed back
+   (:mod:`sllm.server.frontdoor`); otherwise, or when that node is unreachable, it goes on here.
 2. **lease** the model: :meth:`ModelManager.acquire` (a cold model loads here; unknown
    names are a 404, a failed load or pull a 503, a drain a 503).
 3. **tokenize**, in the node's text threads (never on the event loop): the prompt or the
@@ -37,6 +40,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from sllm.core.engine import SamplingParams
 from sllm.errors import CacheError, ServerError, UsageError
 from sllm.server import schemas
+from sllm.server.frontdoor import ESTIMATE_HEADER, FORWARDED_HEADER, SERVED_BY_HEADER, FrontDoor
 from sllm.server.gate import LOAD_HEADER
 from sllm.server.models import Lease, ModelLoadFailed, ModelManager
 from sllm.server.state import RequestLimits, ShuttingDown
@@ -56,9 +60,10 @@ class Requests:
         limits: what one request may ask.
     """
 
-    def __init__(self, manager: ModelManager, limits: RequestLimits) -> None:
+    def __init__(self, manager: ModelManager, limits: RequestLimits, *, front_door: FrontDoor | None = None) -> None:
         self.manager = manager
         self.limits = limits
+        self.front_door = front_door
         self.inflight: set[Completion] = set()
         self._text_threads = ThreadPoolExecutor(2, thread_name_prefix="sllm-text")
 
@@ -69,6 +74,23 @@ class Requests:
             UsageError (400), ModelNotFound (404): for the app's error handlers.
         """
         admit(body, chat, self.limits)
+        extra: dict[str, str] = {}
+        if self.front_door is not None:
+            extra[SERVED_BY_HEADER] = self.front_door.name
+            here = self.manager.entries.get(body.model)
+            if here is not None and here.resident is not None:
+                extra[ESTIMATE_HEADER] = "0.000000"  # resident here: nothing is sooner
+            elif FORWARDED_HEADER not in request.headers:  # 1b. route (never a request forwarded already)
+                route = await self.front_door.route(body.model, await self.manager.status())
+                extra[ESTIMATE_HEADER] = f"{route.estimate_seconds:.6f}"
+                if route.url is not None:
+                    try:
+                        status, headers, stream = await self.front_door.forward(
+                            route, request.url.path, await request.body(), request.headers)
+                    except ServerError as exc:
+                        log.warning("%s; serving %s here", exc, body.model)
+                    else:
+                        return StreamingResponse(stream, status_code=status, headers=headers)
         t0 = time.monotonic()
         try:
             lease = await self.manager.acquire(body.model)
@@ -80,7 +102,7 @@ class Requests:
         except BaseException:
             self.manager.release(lease)
             raise
-        headers = {LOAD_HEADER: f"{lease.load_seconds:.6f}"}
+        headers = {LOAD_HEADER: f"{lease.load_seconds:.6f}", **extra}
         if body.stream:
             return StreamingResponse(run.sse(), media_type="text/event-stream", headers=headers)
         return await run.respond(request, headers)
@@ -165,6 +187,8 @@ class Completion:
         self.prompt_tokens = 0
         self.gen: Any = None
         self._queue: asyncio.Queue[int | None] = asyncio.Queue()
+        self._submitted = 0.0
+        self._first_at: float | None = None
 
     # -- 3. tokenize, 4. generate ---------------------------------------------------------
 
@@ -201,6 +225,7 @@ class Completion:
             loop.call_soon_threadsafe(self._on_token, token)
 
         self.requests.inflight.add(self)
+        self._submitted = time.monotonic()
         try:
             self.gen = res.engine.submit(prompt, params, request_id=self.id, listener=listener)
         except BaseException:
@@ -208,8 +233,14 @@ class Completion:
             raise
 
     def _on_token(self, token: int | None) -> None:  # event loop
+        now = time.monotonic()
+        if token is not None and self._first_at is None:  # prefill done: a sample of the node's prefill fit
+            self._first_at = now
+            self.manager.timings.record_prefill(self.model, self.prompt_tokens, now - self._submitted)
         self._queue.put_nowait(token)
         if token is None:  # 6. release
+            if self._first_at is not None and self.gen is not None:
+                self.manager.timings.record_completion(len(self.gen.generated), now - self._first_at)
             self.manager.release(self.lease)
             self.requests.inflight.discard(self)
 

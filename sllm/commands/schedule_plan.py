@@ -1,0 +1,196 @@
+"""``sllm schedule-plan``: where should a model start, and what-if simulations of policies.
+
+Thin. ``sllm schedule-plan MODEL --inventory cluster.toml`` reads the inventory
+(:class:`sllm.core.inventory.TomlInventory`), fetches every node's ``/status`` concurrently
+(down nodes are skipped), ranks the nodes with :func:`sllm.core.scheduler.plan` and prints
+the options with their breakdown (a table or ``--json``); ``--apply`` carries out the best
+through the nodes' APIs (unload idle models, load the model). ``--simulate TRACE`` runs
+:func:`sllm.core.simulate.simulate` instead and prints a table per policy. It imports no
+torch.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from sllm.commands._options import JsonOpt
+from sllm.commands._output import emit_json, handle_errors, table
+from sllm.commands.inventory import InventoryOpt, TimeoutOpt, live_states
+from sllm.errors import EXIT_FAILED, UsageError
+
+
+def _fmt(x: float | None) -> Any:
+    return "-" if x is None or (isinstance(x, float) and math.isinf(x)) else x
+
+
+@handle_errors
+def schedule_plan(
+    model: Annotated[str | None, typer.Argument(help="The model to place (not with --simulate).")] = None,
+    inventory: InventoryOpt = Path("cluster.toml"),
+    prompt_tokens: Annotated[
+        int, typer.Option("--prompt-tokens", min=0, help="The request's prompt length: adds each node's prefill estimate.")
+    ] = 0,
+    migration: Annotated[
+        bool, typer.Option("--migration/--no-migration",
+                           help="Consider migrating running requests to make room (planned; --apply needs live "
+                           "migration on the nodes).")
+    ] = True,
+    apply: Annotated[bool, typer.Option("--apply", help="Carry out the best option through the nodes' APIs.")] = False,
+    timeout: TimeoutOpt = 1.0,
+    simulate: Annotated[
+        str | None,
+        typer.Option("--simulate", metavar="TRACE",
+                     help="Simulate the cluster serving TRACE instead: an Azure LLM inference trace CSV "
+                     "(TIMESTAMP,ContextTokens,GeneratedTokens) or gamma:rps=R,cv=C,duration=S[,prompt=N,gen=N]."),
+    ] = None,
+    models: Annotated[
+        str | None, typer.Option("--models", metavar="SPEC",
+                                 help="With --simulate: the models, NAME=SIZE[xCOUNT],... (e.g. opt-6.7b=13.4GBx8).")
+    ] = None,
+    policy: Annotated[
+        str, typer.Option("--policy", help="With --simulate: comma-separated policies among sllm, sllm-no-migration, "
+                          "serverlessllm, availability, random, or all.")
+    ] = "all",
+    rps: Annotated[
+        float | None, typer.Option("--rps", min=0.0001, help="With --simulate: rescale a trace to this mean rate, req/s.")
+    ] = None,
+    duration: Annotated[
+        float | None, typer.Option("--duration", min=0.001, metavar="SECONDS", help="With --simulate: cut the trace.")
+    ] = None,
+    popularity: Annotated[
+        str, typer.Option("--popularity", help="With --simulate: which model each request asks for: uniform or zipf:S.")
+    ] = "uniform",
+    keep_alive: Annotated[
+        float, typer.Option("--keep-alive", min=0, metavar="SECONDS", help="With --simulate: the nodes' keep-alive.")
+    ] = 60.0,
+    replicas: Annotated[
+        int, typer.Option("--replicas", min=0, help="With --simulate: SSD copies of each model at the start.")
+    ] = 1,
+    seed: Annotated[int, typer.Option("--seed", help="With --simulate: the seed of model choice and random policies.")] = 0,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", metavar="FILE.png", help="With --simulate: draw the TTFT CDFs (matplotlib).")
+    ] = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Rank the cluster's nodes by estimated time to first token for MODEL (ServerlessLLM §6).
+
+    Each node's option: the model resident (0 s); loading from its fastest tier holding it
+    (DRAM, SSD, or the remote pull), estimated as the loader queue's wait + the tier
+    pipeline's time from the node profile's bandwidths + the loader's fixed cost; after
+    unloading idle models when the node lacks room; after migrating running requests
+    elsewhere (a*tokens+b per request, fitted from the node's prefill timings). Nodes that do
+    not answer /status within --timeout are listed as down. Exits 1 when no node can start it.
+
+    With --simulate TRACE, simulates the inventory's nodes serving the trace under each
+    policy, with the same estimator and scheduler, and prints time to first token (mean,
+    P50, P90, P99), the startup breakdown and the requests that queued.
+    """
+    from sllm.core.inventory import TomlInventory
+
+    inv = TomlInventory(inventory).load()
+    if simulate is not None:
+        if model is not None:
+            raise UsageError("give MODEL or --simulate TRACE, not both")
+        _simulate(inv, simulate, models, policy, rps, duration, popularity, keep_alive, replicas, seed, plot,
+                  json_output)
+        return
+    if model is None:
+        raise UsageError("give MODEL (or --simulate TRACE)", hint="sllm schedule-plan MODEL --inventory cluster.toml")
+    from sllm.core.scheduler import plan, summarize
+
+    states = live_states(inv, timeout)
+    p = plan(model, inv, states, prompt_tokens=prompt_tokens, migration=migration)
+    applied = _apply(inv, p) if apply and p.best is not None else None
+    if json_output:
+        emit_json({"model": p.model, "nbytes": p.nbytes, "prompt_tokens": p.prompt_tokens, "migration": p.migration,
+                   "best": p.best.node if p.best else None, "options": summarize(p),
+                   "breakdown": [{"node": o.node, "stages": o.load.stages if o.load else [], "pipelined":
+                                  o.load.pipelined if o.load else None, "chunks": o.load.chunks if o.load else 0}
+                                 for o in p.options],
+                   "down": [{"node": n, "error": e} for n, e in p.down], "applied": applied})
+    else:
+        rows = [[s.rank, s.node, s.action, s.tier or "-", _fmt(s.seconds), s.queue_seconds, s.transfer_seconds,
+                 s.fixed_seconds, s.freeing_seconds, ", ".join(s.unload + s.migrate) or "-", "; ".join(s.reasons)]
+                for s in summarize(p)]
+        table(f"{model}: {p.nbytes / 1e9:.3f} GB, ranked by estimated time to first token",
+              ["#", "node", "action", "tier", "est s", "queue s", "transfer s", "fixed s", "freeing s",
+               "unload/migrate", "why"], rows, min_width=200)
+        for name, err in p.down:
+            print(f"down: {name}: {err}")
+        if applied is not None:
+            print(f"applied on {applied['node']}: {applied['done']}")
+    if p.best is None:
+        print(f"sllm: error: no node can start {model} now", file=sys.stderr)
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _apply(inv: Any, p: Any) -> dict[str, Any]:
+    """Carry out ``p.best``: unload its idle models (``/v1/cache/M/evict?tier=device``),
+    then load the model with a one-token completion (the node loads on demand).
+
+    Raises:
+        MigrationError: the option needs a migration and no migrator is registered.
+        ServerError: a node refused.
+    """
+    from sllm.client import NodeClient
+    from sllm.core.scheduler import get_migrator
+    from sllm.errors import MigrationError
+
+    best = p.best
+    spec = inv.nodes[best.node]
+    done: list[str] = []
+    if best.migrate:
+        migrator = get_migrator()
+        if migrator is None:
+            raise MigrationError(f"the best option on {best.node} migrates running requests, and live migration is "
+                                 "not available on these nodes yet", hint="rerun with --no-migration")
+        for mv in best.migrate:
+            migrator.migrate(mv.model, spec, inv.nodes[mv.destination], mv.requests)
+            done.append(f"migrated {mv.model} to {mv.destination}")
+    with NodeClient(spec.url, api_key=spec.api_key()) as client:
+        for u in best.unload:
+            client.cache_evict(u.model, "device")
+            done.append(f"unloaded {u.model}")
+        if best.action != "resident":
+            client.complete(p.model, [0], max_tokens=1, temperature=0)
+            done.append(f"loaded {p.model} from {best.tier}")
+    return {"node": best.node, "done": done or ["nothing: resident"]}
+
+
+def _simulate(inv: Any, trace: str, models: str | None, policy: str, rps: float | None, duration: float | None,
+              popularity: str, keep_alive: float, replicas: int, seed: int, plot: Path | None, json_output: bool) -> None:
+    from sllm.core.simulate import POLICIES, SimConfig, plot_cdfs, simulate
+    from sllm.core.workload import assign_models, parse_models, parse_trace_spec
+
+    if models is None:
+        raise UsageError("--simulate needs --models NAME=SIZE[xCOUNT],...")
+    policies = list(POLICIES) if policy == "all" else [p.strip() for p in policy.split(",") if p.strip()]
+    for p in policies:
+        if p not in POLICIES:
+            raise UsageError(f"--policy {p!r}: choose {', '.join(POLICIES)} or all")
+    sizes = parse_models(models, inv.model_bytes)
+    requests = assign_models(parse_trace_spec(trace, seed=seed, rps=rps, duration=duration), list(sizes), seed=seed,
+                             popularity=popularity)
+    if not requests:
+        raise UsageError(f"--simulate {trace}: no requests (check --duration)")
+    results = simulate(inv, sizes, requests, policies,
+                       SimConfig(keep_alive_seconds=keep_alive, replicas=replicas, seed=seed))
+    if plot is not None:
+        plot_cdfs(results, plot, title=f"{Path(trace).name if not trace.startswith('gamma:') else trace}, "
+                  f"{len(requests)} requests")
+        print(f"plot written to {plot}", file=sys.stderr)
+    if json_output:
+        emit_json({"trace": trace, "requests": len(requests), "models": sizes, "policies": [
+            {k: v for k, v in r.__dict__.items() if k != "records"} for r in results]})
+        return
+    span = requests[-1].arrival_seconds if requests else 0.0
+    table(f"{trace}: {len(requests)} requests over {span:.0f} s on {len(inv.nodes)} node(s), {len(sizes)} model(s)",
+          ["policy", "mean s", "P50 s", "P90 s", "P99 s", "warm", "queued", "startup s", "queue s", "loads", "migrations"],
+          [[r.policy, r.ttft_mean_seconds, r.ttft_p50_seconds, r.ttft_p90_seconds, r.ttft_p99_seconds,
+            f"{r.warm_fraction:.0%}", r.queued_requests, r.startup_mean_seconds, r.queued_mean_seconds,
+            " ".join(f"{k}:{v}" for k, v in r.loads.items()) or "-", r.migrations] for r in results], min_width=160)

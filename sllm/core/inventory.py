@@ -1,0 +1,590 @@
+"""The cluster inventory: which nodes exist, what their tiers can do, and what each holds now.
+
+Two halves, both plain data:
+
+- **the static inventory** (:class:`Inventory`): nodes (name, URL, the environment variable
+  holding its API key, device kind/count/memory, its tiers with capacities and the
+  bandwidths that ``sllm load-bench --tiers`` measured, the loader's fixed cost), the shared
+  remote store, and optional model sizes. It comes from an :class:`InventorySource`; the
+  first backend is :class:`TomlInventory`, a TOML file whose node entries have the shape of
+  the node profile that ``load-bench --tiers`` writes (:mod:`sllm.core.profile`), so that
+  :meth:`TomlInventory.add_profile` merges a profile in. A cluster manager can supply the
+  same records later by implementing :class:`InventorySource`.
+- **the live state** (:class:`NodeState`) of each node, parsed from its ``GET /status``
+  (:func:`parse_status`), fetched for all nodes concurrently with a short timeout by
+  :func:`gather_states`; a node that does not answer is marked down, not fatal. The HTTP
+  call itself is injected (``fetch``), so this module does no network I/O of its own.
+
+The TOML format (``man sllm-schedule-plan``)::
+
+    [remote]                      # the shared store every node pulls from
+    url = "s3://bucket/models"
+    gbps = 0.5                    # default download GB/s for nodes without a measured one
+
+    [models."opt-1.3b"]           # sizes of models no node reports (optional)
+    nbytes = 2630000000
+
+    [nodes.a]                     # one node; the keys of a node profile's [node] table
+    url = "http://10.0.0.1:8343"
+    api_key_env = "SLLM_KEY_A"    # the API key is read from this variable, never stored
+    max_memory_bytes = 40000000000  # the node's --max-memory (default: device memory)
+    [nodes.a.device]
+    kind = "cuda"                 # "cuda" or "cpu"
+    count = 1
+    memory_bytes = 80000000000
+    [nodes.a.tiers.ssd]
+    gbps = 3.51                   # measured cold read GB/s
+    capacity_bytes = 500000000000
+    [nodes.a.tiers.dram]
+    gbps = 7.80                   # DRAM -> device GB/s
+    capacity_bytes = 64000000000
+    [nodes.a.tiers.remote]
+    gbps = 0.275                  # the remote pull, remote -> SSD + DRAM
+    [nodes.a.loader]
+    fixed_seconds = 0.008         # skeleton build + weight assignment per load
+    pipelined = true              # the tier cache pipelines a pull by chunk
+    [nodes.a.engine]              # for --simulate (optional; defaults otherwise)
+    prefill_a_seconds_per_token = 0.0001
+    prefill_b_seconds = 0.02
+    decode_seconds_per_token = 0.02
+
+It does not estimate or decide: :mod:`sllm.core.estimator` and :mod:`sllm.core.scheduler` do.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from sllm.errors import InventoryError
+from sllm.io.atomic import atomic_write_bytes
+
+#: Tiers a node may list, fastest first ("remote" is the node's view of the shared store).
+NODE_TIERS = ("dram", "ssd", "remote")
+#: Seconds to wait for a node's ``/status`` before marking it down.
+STATUS_TIMEOUT_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class TierSpec:
+    """One tier of one node.
+
+    Attributes:
+        tier: "dram", "ssd" or "remote".
+        gbps: bandwidth the loader gets from it, GB/s (1e9 B/s): SSD cold read, DRAM to
+            device, remote pull (as ``load-bench --tiers`` measures each).
+        capacity_bytes: bytes the tier may hold; None: unbounded or unknown.
+        write_gbps: for "ssd", the write bandwidth when measured separately (then a remote
+            pull is modelled as two pipelined stages, download and write); None otherwise.
+    """
+
+    tier: str
+    gbps: float
+    capacity_bytes: int | None = None
+    write_gbps: float | None = None
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """A node of the inventory.
+
+    Attributes:
+        name: unique name.
+        url: its ``sllm serve`` base URL.
+        api_key_env: the environment variable holding its API key (None: no key).
+        device_kind: "cuda" or "cpu" (on the CPU a DRAM entry is the model's memory: no copy).
+        device_count: devices (GPUs) on the node.
+        device_memory_bytes: memory per device, bytes (the host's memory for "cpu").
+        max_memory_bytes: the node's resident-weights budget (``--max-memory``); None: the
+            devices' memory. A node's ``/status`` overrides it.
+        tiers: tier name -> :class:`TierSpec`.
+        loader_fixed_seconds: the loader's fixed cost per load, seconds.
+        pipelined: True when the node's tier cache pipelines a pull by chunk (remote -> SSD ->
+            DRAM at once); False: each stage waits for the previous one.
+        chunk_bytes: the pipeline's grain, bytes (its fill cost is one chunk through the stages).
+        prefill: the node's prefill fit ``a * tokens + b`` (``[nodes.X.engine]``), for
+            simulation; None: the node's live ``/status`` fit, else the defaults.
+        decode_seconds_per_token: seconds per generated token (simulation); None: default.
+    """
+
+    name: str
+    url: str
+    api_key_env: str | None = None
+    device_kind: str = "cpu"
+    device_count: int = 1
+    device_memory_bytes: int | None = None
+    max_memory_bytes: int | None = None
+    tiers: Mapping[str, TierSpec] = field(default_factory=dict)
+    loader_fixed_seconds: float = 0.0
+    pipelined: bool = True
+    chunk_bytes: int = 16 * 1024 * 1024
+    prefill: PrefillFit | None = None
+    decode_seconds_per_token: float | None = None
+
+    @property
+    def memory_budget_bytes(self) -> int | None:
+        """The budget for resident weights: ``max_memory_bytes``, else all devices' memory."""
+        if self.max_memory_bytes is not None:
+            return self.max_memory_bytes
+        if self.device_memory_bytes is not None:
+            return self.device_memory_bytes * self.device_count
+        return None
+
+    def api_key(self, environ: Mapping[str, str] = os.environ) -> str | None:
+        """The API key from ``api_key_env`` (None when unset)."""
+        return environ.get(self.api_key_env) if self.api_key_env else None
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """The cluster: nodes by name (sorted), the remote store, known model sizes.
+
+    Attributes:
+        nodes: name -> :class:`NodeSpec`.
+        remote_url: the shared store (directory, http(s)://, s3://); None: none.
+        remote_gbps: default remote pull bandwidth, GB/s, for nodes that measured none.
+        model_bytes: model name -> checkpoint bytes, for models no node reports.
+        source: where it was read from (for messages).
+    """
+
+    nodes: Mapping[str, NodeSpec]
+    remote_url: str | None = None
+    remote_gbps: float | None = None
+    model_bytes: Mapping[str, int] = field(default_factory=dict)
+    source: str = "<memory>"
+
+
+class InventorySource(Protocol):
+    """Where the inventory comes from: the TOML file first, a cluster manager later."""
+
+    def load(self) -> Inventory:
+        """The current inventory. Raises: InventoryError."""
+        ...
+
+
+# ---------------------------------------------------------------------------------------
+# Parsing (TOML document -> Inventory), validation with the file and key in each message
+# ---------------------------------------------------------------------------------------
+
+
+def _num(where: str, key: str, value: Any, *, kind: type = float, minimum: float = 0.0, positive: bool = False) -> Any:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind is int:
+        ok = ok and float(value).is_integer()
+    if not ok or value < minimum or (positive and value <= 0):
+        need = "a positive" if positive else f"a {'whole ' if kind is int else ''}number >= {minimum:g}"
+        raise InventoryError(f"{where}: {key} = {value!r}: must be {need}")
+    return kind(value)
+
+
+def _table(where: str, key: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InventoryError(f"{where}: {key} must be a table")
+    return value
+
+
+def parse_node(name: str, data: Mapping[str, Any], *, where: str) -> NodeSpec:
+    """One ``[nodes.NAME]`` table (or a profile's ``[node]`` table) as a :class:`NodeSpec`.
+
+    Raises:
+        InventoryError: a missing URL, a non-numeric or negative bandwidth or capacity, an
+            unknown tier or device kind; the message names ``where`` and the key.
+    """
+    w = f"{where}: nodes.{name}"
+    url = data.get("url") or data.get("address")
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise InventoryError(f"{w}: url = {url!r}: must be the node's http(s):// address")
+    device = _table(w, "device", data.get("device", {}))
+    host = data.get("host", {}) if isinstance(data.get("host"), dict) else {}
+    kind = device.get("kind", "cuda" if host.get("gpus") else "cpu")
+    if kind not in ("cpu", "cuda"):
+        raise InventoryError(f"{w}: device.kind = {kind!r}: must be \"cpu\" or \"cuda\"")
+    memory = device.get("memory_bytes", host.get("memory_bytes") if kind == "cpu" else None)
+    tiers = {}
+    for tier, entry in _table(w, "tiers", data.get("tiers", {})).items():
+        if tier not in NODE_TIERS:
+            raise InventoryError(f"{w}: tiers.{tier}: unknown tier (choose {', '.join(NODE_TIERS)})")
+        entry = _table(w, f"tiers.{tier}", entry)
+        cap = entry.get("capacity_bytes")
+        wg = entry.get("write_gbps")
+        tiers[tier] = TierSpec(
+            tier,
+            _num(w, f"tiers.{tier}.gbps", entry.get("gbps"), positive=True),
+            None if cap is None else _num(w, f"tiers.{tier}.capacity_bytes", cap, kind=int),
+            None if wg is None else _num(w, f"tiers.{tier}.write_gbps", wg, positive=True),
+        )
+    loader = _table(w, "loader", data.get("loader", {}))
+    key_env = data.get("api_key_env")
+    if key_env is not None and not (isinstance(key_env, str) and key_env):
+        raise InventoryError(f"{w}: api_key_env = {key_env!r}: must name an environment variable")
+    pipelined = loader.get("pipelined", True)
+    if not isinstance(pipelined, bool):
+        raise InventoryError(f"{w}: loader.pipelined = {pipelined!r}: must be true or false")
+    mm = data.get("max_memory_bytes")
+    engine = _table(w, "engine", data.get("engine", {}))
+    fit = None
+    if "prefill_a_seconds_per_token" in engine or "prefill_b_seconds" in engine:
+        fit = PrefillFit(_num(w, "engine.prefill_a_seconds_per_token", engine.get("prefill_a_seconds_per_token", 0.0)),
+                         _num(w, "engine.prefill_b_seconds", engine.get("prefill_b_seconds", 0.0)), 0)
+    decode = engine.get("decode_seconds_per_token")
+    return NodeSpec(
+        name=name,
+        url=url.rstrip("/"),
+        api_key_env=key_env,
+        device_kind=kind,
+        device_count=_num(w, "device.count", device.get("count", 1), kind=int, minimum=1),
+        device_memory_bytes=None if memory is None else _num(w, "device.memory_bytes", memory, kind=int),
+        max_memory_bytes=None if mm is None else _num(w, "max_memory_bytes", mm, kind=int),
+        tiers=dict(sorted(tiers.items(), key=lambda kv: NODE_TIERS.index(kv[0]))),
+        loader_fixed_seconds=_num(w, "loader.fixed_seconds", loader.get("fixed_seconds", 0.0)),
+        pipelined=pipelined,
+        chunk_bytes=_num(w, "loader.chunk_bytes", loader.get("chunk_bytes", 16 * 1024 * 1024), kind=int, minimum=1),
+        prefill=fit,
+        decode_seconds_per_token=None if decode is None else _num(w, "engine.decode_seconds_per_token", decode),
+    )
+
+
+def parse_inventory(doc: Mapping[str, Any], *, where: str = "<inventory>") -> Inventory:
+    """A parsed TOML document (module docstring) as an :class:`Inventory`.
+
+    Raises:
+        InventoryError: unknown top-level keys, bad node entries, a bad remote or model size.
+    """
+    unknown = set(doc) - {"remote", "models", "nodes"}
+    if unknown:
+        raise InventoryError(f"{where}: unknown top-level key(s) {', '.join(sorted(unknown))} "
+                             "(expected [remote], [models.NAME], [nodes.NAME])")
+    remote = _table(where, "remote", doc.get("remote", {}))
+    url = remote.get("url")
+    if url is not None and not (isinstance(url, str) and url):
+        raise InventoryError(f"{where}: remote.url = {url!r}: must be a directory or URL")
+    gbps = remote.get("gbps")
+    models = {}
+    for name, entry in _table(where, "models", doc.get("models", {})).items():
+        entry = _table(where, f"models.{name}", entry)
+        models[name] = _num(f"{where}: models.{name}", "nbytes", entry.get("nbytes"), kind=int, positive=True)
+    nodes = {name: parse_node(name, _table(where, f"nodes.{name}", entry), where=where)
+             for name, entry in sorted(_table(where, "nodes", doc.get("nodes", {})).items())}
+    return Inventory(nodes, url, None if gbps is None else _num(where, "remote.gbps", gbps, positive=True),
+                     models, where)
+
+
+def node_entry(spec: NodeSpec) -> dict[str, Any]:
+    """A :class:`NodeSpec` as its ``[nodes.NAME]`` TOML table (inverse of :func:`parse_node`)."""
+    out: dict[str, Any] = {"url": spec.url}
+    if spec.api_key_env:
+        out["api_key_env"] = spec.api_key_env
+    if spec.max_memory_bytes is not None:
+        out["max_memory_bytes"] = spec.max_memory_bytes
+    device: dict[str, Any] = {"kind": spec.device_kind, "count": spec.device_count}
+    if spec.device_memory_bytes is not None:
+        device["memory_bytes"] = spec.device_memory_bytes
+    out["device"] = device
+    out["tiers"] = {}
+    for t in spec.tiers.values():
+        e: dict[str, Any] = {"gbps": t.gbps}
+        if t.capacity_bytes is not None:
+            e["capacity_bytes"] = t.capacity_bytes
+        if t.write_gbps is not None:
+            e["write_gbps"] = t.write_gbps
+        out["tiers"][t.tier] = e
+    out["loader"] = {"fixed_seconds": spec.loader_fixed_seconds, "pipelined": spec.pipelined,
+                     "chunk_bytes": spec.chunk_bytes}
+    engine: dict[str, float] = {}
+    if spec.prefill is not None:
+        engine.update(prefill_a_seconds_per_token=spec.prefill.a_seconds_per_token,
+                      prefill_b_seconds=spec.prefill.b_seconds)
+    if spec.decode_seconds_per_token is not None:
+        engine["decode_seconds_per_token"] = spec.decode_seconds_per_token
+    if engine:
+        out["engine"] = engine
+    return out
+
+
+def inventory_document(inv: Inventory) -> dict[str, Any]:
+    """An :class:`Inventory` as a TOML document (inverse of :func:`parse_inventory`)."""
+    doc: dict[str, Any] = {}
+    remote = {k: v for k, v in (("url", inv.remote_url), ("gbps", inv.remote_gbps)) if v is not None}
+    if remote:
+        doc["remote"] = remote
+    if inv.model_bytes:
+        doc["models"] = {m: {"nbytes": n} for m, n in sorted(inv.model_bytes.items())}
+    doc["nodes"] = {name: node_entry(spec) for name, spec in sorted(inv.nodes.items())}
+    return doc
+
+
+class TomlInventory:
+    """The inventory kept in a TOML file (the first :class:`InventorySource` backend).
+
+    Args:
+        path: the file. It need not exist until :meth:`load` (then it must).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def load(self) -> Inventory:
+        """Parse the file.
+
+        Raises:
+            InventoryError: missing, unreadable, not TOML, or invalid (the message names the file).
+        """
+        try:
+            with open(self.path, "rb") as f:
+                doc = tomllib.load(f)
+        except FileNotFoundError:
+            raise InventoryError(f"{self.path}: no such inventory file",
+                                 hint="create one with `sllm inventory add PROFILE.toml --url URL`") from None
+        except OSError as exc:
+            raise InventoryError(f"{self.path}: cannot read: {exc.strerror or exc}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise InventoryError(f"{self.path}: not valid TOML: {exc}") from exc
+        return parse_inventory(doc, where=str(self.path))
+
+    def save(self, inv: Inventory) -> None:
+        """Write ``inv`` to the file atomically (temporary name, fsync, rename)."""
+        import tomli_w
+
+        atomic_write_bytes(self.path, tomli_w.dumps(inventory_document(inv)).encode())
+
+    def add_profile(
+        self,
+        profile: Mapping[str, Any],
+        *,
+        url: str | None = None,
+        name: str | None = None,
+        api_key_env: str | None = None,
+        max_memory_bytes: int | None = None,
+        where: str = "<profile>",
+    ) -> NodeSpec:
+        """Merge a node profile (``load-bench --tiers``'s TOML, parsed) in as a node, replacing
+        a node of the same name; creates the file when missing. Returns the node.
+
+        Raises:
+            InventoryError: the profile has no ``[node]`` table or a bad entry; the inventory is bad.
+        """
+        node = profile.get("node")
+        if not isinstance(node, dict):
+            raise InventoryError(f"{where}: not a node profile (no [node] table); write one with "
+                                 "`sllm load-bench MODEL --tiers`")
+        entry = dict(node)
+        if url:
+            entry["url"] = url
+        if api_key_env:
+            entry["api_key_env"] = api_key_env
+        if max_memory_bytes is not None:
+            entry["max_memory_bytes"] = max_memory_bytes
+        node_name = name or node.get("name")
+        if not isinstance(node_name, str) or not node_name:
+            raise InventoryError(f"{where}: node.name missing; pass --name")
+        spec = parse_node(node_name, entry, where=where)
+        inv = self.load() if self.path.exists() else Inventory({}, source=str(self.path))
+        self.save(replace(inv, nodes={**inv.nodes, spec.name: spec}))
+        return spec
+
+
+# ---------------------------------------------------------------------------------------
+# Live state, from each node's /status
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunningRequest:
+    """A request a node is generating: its id and token counts (prompt, generated so far)."""
+
+    id: str
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def tokens(self) -> int:
+        """Prompt + generated tokens: what a migration re-prefills (paper §5)."""
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class ResidentModel:
+    """A model loaded on a node's device.
+
+    Attributes:
+        model: its name. nbytes: its weights, bytes. pinned: never unloaded by the budget.
+        idle_seconds: seconds since its last request ended (0 while serving).
+        requests: what it is generating now.
+    """
+
+    model: str
+    nbytes: int
+    pinned: bool = False
+    idle_seconds: float = 0.0
+    requests: tuple[RunningRequest, ...] = ()
+
+
+#: The queue a load from each tier waits in on a node (``sllm serve`` queues loads per
+#: resource): a remote pull holds the link, an SSD read the disk; a DRAM hit waits for neither.
+RESOURCE_OF = {"remote": "link", "ssd": "disk", "dram": None, "device": None}
+
+
+@dataclass(frozen=True)
+class LoaderJob:
+    """A load in one of a node's loader queues (per resource, one load at a time each).
+
+    Attributes:
+        model: what loads. nbytes: its bytes (0 when unknown yet). tier: where its bytes
+        come from ("dram", "ssd", "remote"; "" when unknown). elapsed_seconds: how long the
+        running one has held its resource (0 for a queued one). running: it holds its
+        resource now. resource: the queue it is in ("link", "disk"; None: a DRAM hit that
+        waits for none; "" unknown: counted in every queue).
+    """
+
+    model: str
+    nbytes: int = 0
+    tier: str = ""
+    elapsed_seconds: float = 0.0
+    running: bool = False
+    resource: str | None = ""
+
+
+@dataclass(frozen=True)
+class PrefillFit:
+    """A node's fit of prefill seconds = a * tokens + b for one model (paper §6).
+
+    Attributes:
+        a_seconds_per_token: slope a, seconds per token.
+        b_seconds: intercept b, seconds.
+        samples: prefill timings the fit used (0: the default constants).
+    """
+
+    a_seconds_per_token: float
+    b_seconds: float
+    samples: int = 0
+
+
+@dataclass(frozen=True)
+class NodeState:
+    """What a node reports about itself now (``/status``), or that it is down.
+
+    Attributes:
+        name: the node's inventory name.
+        up: False when ``/status`` did not answer in time (``error`` says why).
+        error: why it is down (None when up).
+        max_memory_bytes: its resident-weights budget (None: no limit reported).
+        resident: loaded models.
+        tiers: model -> local tiers holding it, fastest first ("dram", "ssd"; "local" for a
+            ``--models`` directory, read like an SSD entry).
+        model_bytes: model -> bytes, for the models whose size the node knows.
+        loader: its loader queue, the running load first.
+        prefill: model -> :class:`PrefillFit` measured there.
+        has_remote: True when the node can pull from the remote store.
+        decode_seconds_per_token: the node's measured decode time per token (None: unknown).
+        mean_generated_tokens: the mean completion length of the requests it served (None:
+            unknown). With the decode time, they let the scheduler estimate when busy models
+            will free their memory.
+    """
+
+    name: str
+    up: bool = True
+    error: str | None = None
+    max_memory_bytes: int | None = None
+    resident: tuple[ResidentModel, ...] = ()
+    tiers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    model_bytes: Mapping[str, int] = field(default_factory=dict)
+    loader: tuple[LoaderJob, ...] = ()
+    prefill: Mapping[str, PrefillFit] = field(default_factory=dict)
+    has_remote: bool = True
+    decode_seconds_per_token: float | None = None
+    mean_generated_tokens: float | None = None
+
+    def resident_model(self, model: str) -> ResidentModel | None:
+        """The resident entry of ``model``, or None."""
+        return next((r for r in self.resident if r.model == model), None)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of resident weights."""
+        return sum(r.nbytes for r in self.resident)
+
+
+def parse_status(name: str, status: Mapping[str, Any]) -> NodeState:
+    """A node's ``GET /status`` document as a :class:`NodeState` (fields missing from older
+    nodes default to empty; a malformed document marks the node down)."""
+    try:
+        resident = tuple(
+            ResidentModel(
+                r["model"], int(r.get("nbytes") or 0), bool(r.get("pinned", False)), float(r.get("idle_seconds", 0.0)),
+                tuple(RunningRequest(str(q.get("id", "")), int(q.get("prompt_tokens", 0)),
+                                     int(q.get("completion_tokens", 0))) for q in r.get("requests", ())),
+            )
+            for r in status.get("resident", ())
+        )
+        tiers: dict[str, tuple[str, ...]] = {}
+        sizes: dict[str, int] = {}
+        for m in status.get("models", ()):
+            tiers[m["model"]] = tuple(t for t in m.get("tiers", ()) if t in ("dram", "ssd", "local"))
+            if m.get("nbytes"):
+                sizes[m["model"]] = int(m["nbytes"])
+        for name, nbytes in (status.get("model_bytes") or {}).items():
+            if nbytes:
+                sizes[name] = int(nbytes)
+        for r in resident:
+            sizes.setdefault(r.model, r.nbytes)
+        loader = tuple(
+            LoaderJob(j["model"], int(j.get("nbytes") or 0), str(j.get("tier") or ""),
+                      float(j.get("elapsed_seconds", 0.0)), bool(j.get("running", i == 0)),
+                      j["resource"] if "resource" in j else "")
+            for i, j in enumerate(status.get("loader_queue", status.get("loading", ())))
+        )
+        prefill = {m: PrefillFit(float(f["a_seconds_per_token"]), float(f["b_seconds"]), int(f.get("samples", 0)))
+                   for m, f in (status.get("prefill_fit") or {}).items()}
+        cache = status.get("cache")
+        engine = status.get("engine") or {}
+        decode = engine.get("decode_seconds_per_token")
+        mean_gen = engine.get("mean_generated_tokens")
+        return NodeState(name, True, None, status.get("max_memory_bytes"), resident, tiers, sizes, loader, prefill,
+                         has_remote=bool(cache and cache.get("remote")),
+                         decode_seconds_per_token=None if decode is None else float(decode),
+                         mean_generated_tokens=None if mean_gen is None else float(mean_gen))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        return NodeState(name, up=False, error=f"malformed /status: {type(exc).__name__}: {exc}")
+
+
+def gather_states(
+    nodes: Iterable[NodeSpec],
+    fetch: Callable[[NodeSpec, float], Mapping[str, Any]],
+    *,
+    timeout: float = STATUS_TIMEOUT_SECONDS,
+) -> dict[str, NodeState]:
+    """Every node's live state, fetched concurrently (one thread per node).
+
+    Args:
+        nodes: the nodes to ask.
+        fetch: ``fetch(node, timeout) -> /status document``; any exception marks the node
+            down with the exception's message (e.g. a :class:`~sllm.errors.ServerError`).
+        timeout: seconds each fetch may take (passed to ``fetch``; also a bound on the wait).
+
+    Returns: name -> :class:`NodeState`, sorted by name.
+    """
+    nodes = list(nodes)
+    if not nodes:
+        return {}
+
+    def one(spec: NodeSpec) -> NodeState:
+        try:
+            return parse_status(spec.name, fetch(spec, timeout))
+        except Exception as exc:  # noqa: BLE001 - an unreachable or broken node is down, not fatal
+            return NodeState(spec.name, up=False, error=str(exc) or type(exc).__name__)
+
+    with ThreadPoolExecutor(max_workers=min(32, len(nodes)), thread_name_prefix="sllm-status") as pool:
+        futures = {spec.name: pool.submit(one, spec) for spec in nodes}
+        out = {}
+        for name, fut in sorted(futures.items()):
+            try:
+                out[name] = fut.result(timeout=timeout + 5.0)
+            except Exception as exc:  # noqa: BLE001 - the fetch ignored its timeout
+                out[name] = NodeState(name, up=False, error=f"no answer: {type(exc).__name__}")
+    return out

@@ -1,0 +1,556 @@
+"""What-if simulation of a cluster serving a workload (``sllm schedule-plan --simulate``).
+
+A discrete-event simulation (SimPy) of the inventory's nodes serving a list of
+:class:`~sllm.core.workload.Request`, under one placement policy. It reuses the real
+decision code: at each arrival the policy sees every node's :class:`NodeState` built from
+the simulated state and (for ``sllm``) calls :func:`sllm.core.scheduler.plan`; every load
+takes :func:`sllm.core.estimator.estimate_transfer` plus the loader's fixed cost; migrations
+take :func:`~sllm.core.estimator.estimate_migration`. Only the engines and links are
+modelled:
+
+- each node queues loads per resource as ``sllm serve`` does: a remote pull holds its link,
+  an SSD read its disk, one load at a time each, a DRAM hit neither; then the load waits
+  for room in the memory budget (least recently used idle models unload to make room; it
+  waits while models in use hold it) and pays the loader's fixed cost. DRAM and SSD tiers
+  evict LRU under their capacities (a load fills both on its way up); the remote is behind
+  every node;
+- a resident model serves any number of requests at once (batched): a request takes
+  ``a * prompt + b`` to its first token (the node's prefill fit) and then
+  ``generated * decode_seconds_per_token``; a model idle for ``keep_alive_seconds`` unloads;
+- a migration (policy ``sllm``) loads the model on the destination, re-prefills the running
+  requests there (``a * tokens + b`` each) while the source keeps decoding, then moves them
+  and frees the source.
+
+Policies (:data:`POLICIES`): ``sllm`` (the scheduler, with migration), ``sllm-no-migration``,
+``serverlessllm`` (the anchor's rules: only nodes holding a local copy are candidates, the
+remote tier is never estimated, DRAM to device at a hard-coded 25 GB/s, disk bandwidth as a
+buffered read measures it, i.e. the page cache's (the node's DRAM figure), migration constants
+a = 0.01 s/token and b = 0.1 s never fitted; its free-GPU accounting bug is not modelled),
+``availability`` (the model's resident node if any, else a random node with room, loading from
+wherever the model is: Shepherd*-like) and ``random``. Not modelled: remote bandwidth shared
+between concurrent pulls, network hops, engine batching limits.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter, OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from sllm.core.estimator import DEFAULT_FIT, estimate_migration, estimate_transfer, prefill_seconds
+from sllm.core.inventory import (
+    RESOURCE_OF,
+    Inventory,
+    LoaderJob,
+    NodeSpec,
+    NodeState,
+    PrefillFit,
+    ResidentModel,
+    RunningRequest,
+    TierSpec,
+)
+from sllm.core.scheduler import Option, plan
+from sllm.core.workload import Request
+from sllm.errors import UsageError
+
+POLICIES = ("sllm", "sllm-no-migration", "serverlessllm", "availability", "random")
+#: ServerlessLLM's hard-coded PCIe bandwidth, GB/s, and its unfitted migration constants.
+ANCHOR_PCIE_GBPS = 25.0
+ANCHOR_FIT = PrefillFit(0.01, 0.1, 0)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """How the simulated cluster behaves.
+
+    Attributes:
+        keep_alive_seconds: idle seconds before a model unloads (as ``sllm serve --keep-alive``).
+        replicas: SSD copies of each model at the start, placed round-robin over the nodes.
+        prefill: the prefill fit of nodes that give none (``[nodes.X.engine]``).
+        decode_seconds_per_token: decode time per generated token of nodes that give none.
+        seed: seeds the ``random`` and ``availability`` choices.
+        forward_seconds: a front door's routing and forwarding hop, added before the first
+            token of a request that enters at a node (``Request.door``) other than the one
+            that serves it (0: not modelled).
+    """
+
+    keep_alive_seconds: float = 60.0
+    replicas: int = 1
+    prefill: PrefillFit = PrefillFit(1e-4, 0.02, 0)
+    decode_seconds_per_token: float = 0.02
+    seed: int = 0
+    forward_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One simulated request's outcome (seconds from its arrival).
+
+    Attributes:
+        id, model, node: what, where. arrival_seconds: when it arrived.
+        ttft_seconds: to its first token (None: it could not be served).
+        startup_seconds: until its model was ready on its node (0 warm).
+        queued_seconds: of that, waiting for the loader or for room.
+        tier: where the load it waited for read from ("device" when warm).
+    """
+
+    id: int
+    model: str
+    node: str
+    arrival_seconds: float
+    ttft_seconds: float | None
+    startup_seconds: float
+    queued_seconds: float
+    tier: str
+
+
+@dataclass(frozen=True)
+class PolicyResult:
+    """A policy's figures over the workload (seconds).
+
+    Attributes:
+        policy, requests (count), served. ttft_mean/p50/p90/p99/max_seconds.
+        warm_fraction: requests whose model was resident. queued_requests: requests that
+        waited for a loader or room. loads: loads per source tier. migrations: count.
+        startup_mean_seconds, queued_mean_seconds: means over all requests.
+        records: per-request outcomes.
+    """
+
+    policy: str
+    requests: int
+    served: int
+    ttft_mean_seconds: float
+    ttft_p50_seconds: float
+    ttft_p90_seconds: float
+    ttft_p99_seconds: float
+    ttft_max_seconds: float
+    warm_fraction: float
+    queued_requests: int
+    loads: dict[str, int]
+    migrations: int
+    startup_mean_seconds: float
+    queued_mean_seconds: float
+    records: tuple[RequestRecord, ...] = field(repr=False, default=())
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """The nearest-rank ``p``-th percentile (0 < p <= 100) of ``values`` (nan when empty)."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+class _Lru:
+    """A tier's models, least recently used first, within ``capacity`` bytes (None: no limit)."""
+
+    def __init__(self, capacity: int | None) -> None:
+        self.capacity = capacity
+        self.items: OrderedDict[str, int] = OrderedDict()
+
+    def __contains__(self, model: str) -> bool:
+        return model in self.items
+
+    def put(self, model: str, nbytes: int, protected: set[str] | frozenset[str] = frozenset()) -> None:
+        if self.capacity is not None and nbytes > self.capacity:
+            return
+        self.items[model] = nbytes
+        self.items.move_to_end(model)
+        while self.capacity is not None and sum(self.items.values()) > self.capacity:
+            victim = next((m for m in self.items if m != model and m not in protected), None)
+            if victim is None:
+                return
+            del self.items[victim]
+
+
+class _AnyModel(Mapping):
+    """A prefill-fit mapping that answers the node's fit for every model."""
+
+    def __init__(self, fit: PrefillFit) -> None:
+        self.fit = fit
+
+    def __getitem__(self, key: str) -> PrefillFit:
+        return self.fit
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+@dataclass
+class _Active:
+    request: Request
+    node: _Node
+    inst: _Instance
+    decode_start: float | None = None
+
+
+@dataclass
+class _Instance:
+    model: str
+    nbytes: int
+    last_used: float
+    active: dict[int, _Active] = field(default_factory=dict)
+    migrating: bool = False
+
+
+@dataclass
+class _Job:
+    model: str
+    nbytes: int
+    tier: str
+    created: float
+    start: float | None = None
+    resource: str | None = None
+    work_seconds: float = 0.0  # transfer + fixed cost: the rest of its time is queueing
+
+
+class _Node:
+    def __init__(self, env: Any, spec: NodeSpec, cfg: SimConfig) -> None:
+        import simpy
+
+        self.env, self.spec = env, spec
+        self.link = simpy.Resource(env, capacity=1)  # remote pulls, one at a time
+        self.disk = simpy.Resource(env, capacity=1)  # SSD reads, one at a time
+        self.jobs: list[_Job] = []
+        self.loading: dict[str, Any] = {}
+        self.instances: dict[str, _Instance] = {}
+        self.pending: Counter[str] = Counter()
+        dram, ssd = spec.tiers.get("dram"), spec.tiers.get("ssd")
+        self.dram = _Lru(dram.capacity_bytes if dram else 0)
+        self.ssd = _Lru(ssd.capacity_bytes if ssd else 0)
+        self.budget = spec.memory_budget_bytes if spec.memory_budget_bytes is not None else math.inf
+        self.reserved = 0
+        self.fit = spec.prefill or cfg.prefill
+        self.decode = spec.decode_seconds_per_token if spec.decode_seconds_per_token is not None \
+            else cfg.decode_seconds_per_token
+        self._freed = env.event()
+        self.mean_generated: float | None = None
+
+    def used(self) -> int:
+        return sum(i.nbytes for i in self.instances.values()) + self.reserved
+
+    def notify(self) -> None:
+        ev, self._freed = self._freed, self.env.event()
+        ev.succeed()
+
+    def tier_of(self, model: str) -> str:
+        if model in self.instances:
+            return "device"
+        return "dram" if model in self.dram else "ssd" if model in self.ssd else "remote"
+
+    def idle(self, inst: _Instance) -> bool:
+        return not inst.active and not self.pending[inst.model] and not inst.migrating
+
+    def unload(self, model: str) -> None:
+        self.instances.pop(model, None)
+        self.notify()
+
+    def state(self, now: float, fit: PrefillFit | None = None) -> NodeState:
+        resident = []
+        for m, inst in sorted(self.instances.items()):
+            reqs = tuple(RunningRequest(str(a.request.id), a.request.prompt_tokens,
+                                        0 if a.decode_start is None or not self.decode else
+                                        min(a.request.generated_tokens, int((now - a.decode_start) / self.decode)))
+                         for a in inst.active.values())
+            busy = bool(reqs) or self.pending[m] > 0
+            resident.append(ResidentModel(m, inst.nbytes, pinned=inst.migrating or (self.pending[m] > 0 and not reqs),
+                                          idle_seconds=0.0 if busy else now - inst.last_used, requests=reqs))
+        models = set(self.dram.items) | set(self.ssd.items)
+        tiers = {m: tuple(t for t, lru in (("dram", self.dram), ("ssd", self.ssd)) if m in lru) for m in sorted(models)}
+        jobs = sorted(self.jobs, key=lambda j: (j.start is None, j.created))
+        loader = tuple(LoaderJob(j.model, j.nbytes, j.tier, 0.0 if j.start is None else now - j.start,
+                                 j.start is not None, j.resource) for j in jobs)
+        budget = None if math.isinf(self.budget) else int(self.budget)
+        return NodeState(self.spec.name, max_memory_bytes=budget, resident=tuple(resident), tiers=tiers,
+                         loader=loader, prefill=_AnyModel(fit or self.fit), has_remote=True,
+                         decode_seconds_per_token=self.decode, mean_generated_tokens=self.mean_generated)
+
+
+class Simulation:
+    """One run of one policy over a workload (module docstring).
+
+    Args:
+        inventory: the nodes (their tiers need ``capacity_bytes`` for eviction to happen;
+            a node's budget is its ``max_memory_bytes`` or device memory).
+        models: model name -> bytes.
+        requests: the workload, each with its model.
+        policy: one of :data:`POLICIES`.
+        config: :class:`SimConfig`.
+
+    Raises:
+        UsageError: an unknown policy, no nodes, or a request for a model not in ``models``.
+    """
+
+    def __init__(self, inventory: Inventory, models: Mapping[str, int], requests: Sequence[Request], policy: str,
+                 config: SimConfig = SimConfig()) -> None:
+        import simpy
+
+        if policy not in POLICIES:
+            raise UsageError(f"--policy {policy!r}: choose {', '.join(POLICIES)}")
+        if not inventory.nodes:
+            raise UsageError(f"{inventory.source}: the inventory has no nodes to simulate")
+        unknown = {r.model for r in requests} - set(models)
+        if unknown:
+            raise UsageError(f"requests for models not in --models: {', '.join(sorted(unknown))}")
+        self.inventory, self.models, self.requests, self.policy, self.config = (
+            inventory, dict(models), list(requests), policy, config)
+        self.env = simpy.Environment()
+        self.nodes = {n: _Node(self.env, s, config) for n, s in sorted(inventory.nodes.items())}
+        self.rng = random.Random(config.seed)
+        self.records: list[RequestRecord] = []
+        self.loads: Counter[str] = Counter()
+        self.migrations = 0
+        self.anchor = _anchor_inventory(inventory)
+        mean_gen = sum(r.generated_tokens for r in self.requests) / len(self.requests) if self.requests else None
+        for node in self.nodes.values():
+            node.mean_generated = mean_gen  # as a node's /status reports its own mean completion length
+        names = list(self.nodes)
+        for i, (m, nbytes) in enumerate(self.models.items()):
+            for k in range(min(config.replicas, len(names))):
+                self.nodes[names[(i + k) % len(names)]].ssd.put(m, nbytes)
+
+    # -- the run --------------------------------------------------------------------------
+
+    def run(self) -> PolicyResult:
+        """Simulate until every request is done; the policy's figures."""
+        for r in sorted(self.requests, key=lambda r: (r.arrival_seconds, r.id)):
+            self.env.process(self._arrive(r))
+        self.env.run()
+        done = {rec.id for rec in self.records}
+        self.records += [RequestRecord(r.id, r.model, "-", r.arrival_seconds, None, math.nan, math.nan, "-")
+                         for r in self.requests if r.id not in done]  # still waiting for room at the end
+        return summarize(self.policy, self.records, self.loads, self.migrations)
+
+    def _arrive(self, r: Request) -> Iterator[Any]:
+        yield self.env.timeout(r.arrival_seconds)
+        yield from self._serve(r)
+
+    def _serve(self, r: Request) -> Iterator[Any]:
+        env = self.env
+        node_name, option = self.choose(r)
+        node = self.nodes[node_name]
+        if r.door and r.door != node_name and self.config.forward_seconds:
+            yield env.timeout(self.config.forward_seconds)  # the front door's hop
+        for mv in (option.migrate if option is not None else ()):
+            env.process(self._migrate(node, mv))
+        node.pending[r.model] += 1
+        job: _Job | None = None
+        try:
+            while r.model not in node.instances:
+                if node.spec.memory_budget_bytes is not None and self.models[r.model] > node.budget:
+                    self.records.append(RequestRecord(r.id, r.model, node_name, r.arrival_seconds, None, 0.0, 0.0, "-"))
+                    return
+                ev = node.loading.get(r.model) or env.process(self._load(node, r.model))
+                job = yield ev
+        finally:
+            node.pending[r.model] -= 1
+        ready = env.now
+        inst = node.instances[r.model]
+        act = _Active(r, node, inst)
+        inst.active[r.id] = act
+        yield env.timeout(prefill_seconds(r.prompt_tokens, node.fit))
+        ttft = env.now - r.arrival_seconds
+        startup = ready - r.arrival_seconds
+        queued = 0.0 if job is None else max(0.0, startup - job.work_seconds)
+        tier = "device" if job is None else job.tier
+        self.records.append(RequestRecord(r.id, r.model, node_name, r.arrival_seconds, ttft, startup, queued, tier))
+        act.decode_start = env.now
+        yield env.timeout(r.generated_tokens * act.node.decode)
+        act.inst.active.pop(r.id, None)
+        act.inst.last_used = env.now
+        act.node.notify()
+        env.process(self._reap(act.node, act.inst))
+
+    def _load(self, node: _Node, model: str) -> Iterator[Any]:
+        env, nbytes = self.env, self.models[model]
+        done = env.event()
+        node.loading[model] = done
+        tier = node.tier_of(model)
+        job = _Job(model, nbytes, tier, env.now, resource=RESOURCE_OF[tier])
+        node.jobs.append(job)
+        resource = {"link": node.link, "disk": node.disk}.get(job.resource or "")
+        seconds = estimate_transfer(node.spec, tier, nbytes, remote_gbps=self.inventory.remote_gbps)
+        job.work_seconds = seconds + node.spec.loader_fixed_seconds
+        try:
+            if resource is None:  # a DRAM hit queues for nothing
+                job.start = env.now
+                yield env.timeout(seconds)
+            else:
+                with resource.request() as req:
+                    yield req
+                    job.start = env.now
+                    yield env.timeout(seconds)
+            job.resource, job.start = None, None  # out of the resource's queue; its bytes still count
+            while node.used() + nbytes > node.budget:  # then room in the memory budget
+                idle = [i for i in node.instances.values() if node.idle(i)]
+                if idle:
+                    node.unload(min(idle, key=lambda i: (i.last_used, i.model)).model)
+                    continue
+                yield node._freed
+            node.reserved += nbytes
+            yield env.timeout(node.spec.loader_fixed_seconds)
+            node.reserved -= nbytes
+            node.instances[model] = _Instance(model, nbytes, env.now)
+            protected = set(node.instances) if node.spec.device_kind == "cpu" else set()
+            node.dram.put(model, nbytes, protected)
+            node.ssd.put(model, nbytes)
+            self.loads[tier] += 1
+        finally:
+            node.jobs.remove(job)
+            del node.loading[model]
+        done.succeed(job)
+        return job
+
+    def _reap(self, node: _Node, inst: _Instance) -> Iterator[Any]:
+        ka = self.config.keep_alive_seconds
+        yield self.env.timeout(ka)
+        if node.instances.get(inst.model) is inst and node.idle(inst) and self.env.now - inst.last_used >= ka - 1e-9:
+            node.unload(inst.model)
+
+    def _migrate(self, src: _Node, mv: Any) -> Iterator[Any]:
+        inst = src.instances.get(mv.model)
+        if inst is None or inst.migrating or not inst.active:
+            return
+        inst.migrating = True
+        dst = self.nodes[mv.destination]
+        dst.pending[mv.model] += 1
+        try:
+            while mv.model not in dst.instances:
+                yield dst.loading.get(mv.model) or self.env.process(self._load(dst, mv.model))
+            now = self.env.now
+            tokens = [q.tokens for r in src.state(now).resident if r.model == mv.model for q in r.requests]
+            yield self.env.timeout(estimate_migration(mv.model, tokens, dst.fit).seconds)
+            dinst = dst.instances[mv.model]
+            for rid, act in list(inst.active.items()):
+                act.node, act.inst = dst, dinst
+                dinst.active[rid] = act
+            inst.active.clear()
+        finally:
+            dst.pending[mv.model] -= 1
+            inst.migrating = False
+        self.migrations += 1
+        if src.instances.get(mv.model) is inst and src.idle(inst):
+            src.unload(mv.model)
+
+    # -- policies -------------------------------------------------------------------------
+
+    def states(self, fit: PrefillFit | None = None, has_remote: bool = True) -> dict[str, NodeState]:
+        """Every node's state now, as the scheduler sees a live cluster."""
+        now = self.env.now
+        return {n: replace(node.state(now, fit), has_remote=has_remote) for n, node in self.nodes.items()}
+
+    def choose(self, r: Request) -> tuple[str, Option | None]:
+        """The policy's node for ``r`` (and the scheduler's option, for the scheduler policies)."""
+        nbytes = self.models[r.model]
+        if self.policy in ("sllm", "sllm-no-migration"):
+            p = plan(r.model, self.inventory, self.states(), nbytes=nbytes, prompt_tokens=r.prompt_tokens,
+                     migration=self.policy == "sllm")
+            return (p.best.node, p.best) if p.best else (self._least_busy(r.model), None)
+        if self.policy == "serverlessllm":
+            p = plan(r.model, self.anchor, self.states(ANCHOR_FIT, has_remote=False), nbytes=nbytes,
+                     prompt_tokens=r.prompt_tokens, migration=True)
+            if p.best:
+                return p.best.node, p.best
+            roomy = [n for n, node in self.nodes.items() if node.budget - node.used() >= nbytes]
+            return (roomy[0] if roomy else self._least_busy(r.model)), None
+        names = list(self.nodes)
+        if self.policy == "availability":
+            warm = [n for n in names
+                    if r.model in self.nodes[n].instances and not self.nodes[n].instances[r.model].migrating]
+            if warm:
+                return warm[0], None
+            roomy = [n for n in names if self._room_after_idle(self.nodes[n]) >= nbytes]
+            return self.rng.choice(roomy or names), None
+        return self.rng.choice(names), None
+
+    def _room_after_idle(self, node: _Node) -> float:
+        return node.budget - node.used() + sum(i.nbytes for i in node.instances.values() if node.idle(i))
+
+    def _least_busy(self, model: str) -> str:
+        def load(n: str) -> tuple:
+            node = self.nodes[n]
+            return (sum(len(i.active) for i in node.instances.values()) + sum(node.pending.values()) + len(node.jobs),
+                    ("device", "dram", "ssd", "remote").index(node.tier_of(model)), n)
+        return min(self.nodes, key=load)
+
+
+def _anchor_inventory(inv: Inventory) -> Inventory:
+    """The inventory as ServerlessLLM's scheduler sees it: PCIe at 25 GB/s, the disk at the
+    page cache's speed (a buffered read of a file just written), no remote estimate."""
+    nodes = {}
+    for name, spec in inv.nodes.items():
+        tiers = dict(spec.tiers)
+        dram = tiers.get("dram")
+        buffered = dram.gbps if dram else ANCHOR_PCIE_GBPS
+        if "ssd" in tiers:
+            tiers["ssd"] = replace(tiers["ssd"], gbps=buffered)
+        tiers["dram"] = TierSpec("dram", ANCHOR_PCIE_GBPS, dram.capacity_bytes if dram else None)
+        nodes[name] = replace(spec, tiers=tiers, device_kind="cuda")
+    return replace(inv, nodes=nodes)
+
+
+def summarize(policy: str, records: Sequence[RequestRecord], loads: Mapping[str, int], migrations: int) -> PolicyResult:
+    """A :class:`PolicyResult` from per-request records."""
+    records = sorted(records, key=lambda r: r.id)
+    ttfts = [r.ttft_seconds for r in records if r.ttft_seconds is not None]
+    n = len(records)
+    mean = (lambda xs: sum(xs) / len(xs) if xs else math.nan)  # noqa: E731
+    return PolicyResult(
+        policy, n, len(ttfts), mean(ttfts), percentile(ttfts, 50), percentile(ttfts, 90), percentile(ttfts, 99),
+        max(ttfts) if ttfts else math.nan, sum(1 for r in records if r.tier == "device") / n if n else math.nan,
+        sum(1 for r in records if r.queued_seconds > 1e-9), dict(sorted(loads.items())), migrations,
+        mean([r.startup_seconds for r in records if r.ttft_seconds is not None]),
+        mean([r.queued_seconds for r in records if r.ttft_seconds is not None]), tuple(records),
+    )
+
+
+def simulate(inventory: Inventory, models: Mapping[str, int], requests: Sequence[Request], policies: Sequence[str],
+             config: SimConfig = SimConfig()) -> list[PolicyResult]:
+    """Run each policy on the same workload (a fresh cluster each); results in the given order.
+
+    Raises:
+        UsageError: as :class:`Simulation`.
+    """
+    return [Simulation(inventory, models, requests, p, config).run() for p in policies]
+
+
+def plot_cdfs(results: Sequence[PolicyResult], path: str | Path, title: str = "") -> Path:
+    """Draw each policy's time-to-first-token CDF to ``path`` (PNG; needs matplotlib).
+
+    Raises:
+        UsageError: matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise UsageError("--plot needs matplotlib", hint="pip install 'sllm[plot]'") from exc
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for res in results:
+        xs = sorted(r.ttft_seconds for r in res.records if r.ttft_seconds is not None)
+        if xs:
+            ax.step(xs, [(i + 1) / len(xs) for i in range(len(xs))], where="post", label=res.policy)
+    ax.set_xscale("symlog", linthresh=0.1)
+    ax.set_xlabel("time to first token, s")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title(title or "time to first token")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["DEFAULT_FIT", "POLICIES", "PolicyResult", "RequestRecord", "SimConfig", "Simulation", "percentile",
+           "plot_cdfs", "simulate", "summarize"]

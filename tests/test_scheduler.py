@@ -1,0 +1,155 @@
+"""The scheduler on plain data: DRAM before SSD before remote-only, resident first, queues,
+unloading idle models, migrating busy ones, down nodes, and deterministic tie-breaks."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+from test_estimator import GB, gpu_node
+
+from sllm.core.inventory import Inventory, LoaderJob, NodeState, PrefillFit, ResidentModel, RunningRequest
+from sllm.core.scheduler import get_migrator, plan, summarize
+from sllm.errors import SchedulingError
+
+
+def cluster(*names: str, **kw) -> Inventory:
+    return Inventory({n: gpu_node(n, **kw) for n in names}, model_bytes={"m": GB})
+
+
+def state(name: str, *, tiers=None, resident=(), loader=(), budget=8 * GB, **kw) -> NodeState:
+    return NodeState(name, max_memory_bytes=budget, tiers=tiers or {}, resident=tuple(resident),
+                     loader=tuple(loader), **kw)
+
+
+def test_ranks_dram_then_ssd_then_remote_only_with_hand_computed_seconds():
+    inv = cluster("a", "b", "c")
+    states = {"a": state("a"), "b": state("b", tiers={"m": ("ssd",)}), "c": state("c", tiers={"m": ("dram", "ssd")})}
+    p = plan("m", inv, states)
+    assert [(o.node, o.action, o.tier) for o in p.options] == [("c", "load", "dram"), ("b", "load", "ssd"),
+                                                               ("a", "load", "remote")]
+    assert [o.seconds for o in p.options] == pytest.approx([0.2, 0.625, 2.125])
+    assert p.best.node == "c" and p.nbytes == GB and p.down == ()
+    assert summarize(p)[2].transfer_seconds == pytest.approx(2.025)
+
+
+def test_resident_is_zero_and_local_dir_counts_as_ssd():
+    inv = cluster("a", "b")
+    states = {"a": state("a", tiers={"m": ("local",)}), "b": state("b", resident=[ResidentModel("m", GB)])}
+    p = plan("m", inv, states)
+    assert (p.options[0].node, p.options[0].action, p.options[0].seconds) == ("b", "resident", 0.0)
+    assert (p.options[1].tier, p.options[1].seconds) == ("ssd", pytest.approx(0.625))
+
+
+def test_prompt_tokens_add_the_nodes_prefill_estimate():
+    inv = cluster("a")
+    st = {"a": state("a", resident=[ResidentModel("m", GB)], prefill={"m": PrefillFit(0.001, 0.01, 8)})}
+    assert plan("m", inv, st, prompt_tokens=200).options[0].seconds == pytest.approx(0.21)
+
+
+def test_loads_queue_per_resource():
+    inv = cluster("b", "c")
+    # c's disk reads x (4 GB from SSD: 2.0 + 0.4 / 16 + 0.1 = 2.125 s, 1.0 s done) and its link pulls y
+    disk = LoaderJob("x", 4 * GB, "ssd", elapsed_seconds=1.0, running=True, resource="disk")
+    link = LoaderJob("y", 2 * GB, "remote", elapsed_seconds=0.0, running=True, resource="link")
+    states = {"b": state("b", tiers={"m": ("ssd",)}), "c": state("c", tiers={"m": ("ssd",)}, loader=[disk, link])}
+    p = plan("m", inv, states)
+    assert [o.node for o in p.options] == ["b", "c"]  # c's SSD read waits for x's, not for y's pull
+    assert p.options[1].load.queue_seconds == pytest.approx(1.125)
+    assert p.options[1].seconds == pytest.approx(1.125 + 0.625)
+    # a DRAM hit waits in no queue; a remote pull waits for the link only (4.125 s for y)
+    dram = {**states, "c": state("c", tiers={"m": ("dram",)}, loader=[disk, link])}
+    assert plan("m", inv, dram).best.node == "c" and plan("m", inv, dram).best.seconds == pytest.approx(0.2)
+    unknown = LoaderJob("z", GB, "ssd", running=True)  # an older node: no resource reported, counted everywhere
+    old = {**states, "c": state("c", tiers={"m": ("dram",)}, loader=[unknown])}
+    assert next(o for o in plan("m", inv, old).options if o.node == "c").load.queue_seconds == 0.0
+
+
+def test_model_already_loading_waits_for_that_load():
+    inv = cluster("a")
+    st = {"a": state("a", loader=[LoaderJob("m", GB, "ssd", elapsed_seconds=0.5, running=True)])}
+    o = plan("m", inv, st).options[0]
+    assert o.action == "loading" and o.seconds == pytest.approx(0.125)
+
+
+def test_ties_break_by_node_name_and_input_order_does_not_matter():
+    names = ["n3", "n1", "n2", "n0"]
+    inv = cluster(*names)
+    states = {n: state(n, tiers={"m": ("ssd",)}) for n in names}
+    first = plan("m", inv, states)
+    assert [o.node for o in first.options] == ["n0", "n1", "n2", "n3"]
+    for seed in range(5):
+        shuffled = list(states.items())
+        random.Random(seed).shuffle(shuffled)
+        assert plan("m", inv, dict(shuffled)) == first
+
+
+def test_down_node_is_skipped_and_listed():
+    inv = cluster("a", "b", "c")
+    states = {"a": NodeState("a", up=False, error="connection refused"), "b": state("b")}
+    p = plan("m", inv, states)
+    assert [o.node for o in p.options] == ["b"]
+    assert p.down == (("a", "connection refused"), ("c", "no status"))
+    assert plan("m", inv, states, exclude=["b"]).best is None
+
+
+def test_no_room_unloads_idle_models_least_recently_used_first():
+    inv = cluster("a")
+    idle = [ResidentModel("x", GB, idle_seconds=5), ResidentModel("y", GB, idle_seconds=50),
+            ResidentModel("z", GB, pinned=True, idle_seconds=99)]
+    st = {"a": state("a", tiers={"m": ("ssd",)}, resident=idle, budget=3 * GB)}
+    o = plan("m", inv, st).options[0]
+    assert o.action == "unload" and [u.model for u in o.unload] == ["y"]
+    assert o.seconds == pytest.approx(0.01 + 0.625)
+
+
+def test_busy_node_is_unavailable_without_migration_and_migrates_with_it():
+    inv = cluster("a", "b", "c")
+    busy = ResidentModel("x", 2 * GB, requests=(RunningRequest("r1", 100, 20), RunningRequest("r2", 300, 80)))
+    states = {"a": state("a", tiers={"m": ("dram",)}, resident=[busy], budget=2 * GB),
+              "b": state("b", tiers={"x": ("ssd",)}, budget=2 * GB, prefill={"x": PrefillFit(0.001, 0.02, 9)}),
+              "c": state("c", budget=2 * GB)}
+    p = plan("m", inv, states)
+    assert [(o.node, o.action) for o in p.options] == [("b", "load"), ("c", "load"), ("a", "unavailable")]
+    assert math.isinf(p.options[2].seconds) and "no room" in p.options[2].reasons[-1]
+    pm = plan("m", inv, states, migration=True)
+    a = next(o for o in pm.options if o.node == "a")
+    [move] = a.migrate
+    # x goes to b, which has it on SSD (c, remote-only, is not a destination): 2 GB at 2 GB/s + 0.2 / 8 chunks
+    # + 0.1 fixed; then 120 and 380 tokens re-prefilled at b's fit
+    assert (move.model, move.destination, move.requests) == ("x", "b", ("r1", "r2"))
+    assert move.load_seconds == pytest.approx(1.125)
+    assert move.migration.seconds == pytest.approx(0.12 + 0.02 + 0.38 + 0.02)
+    assert a.action == "migrate" and a.seconds == pytest.approx(1.125 + 0.54 + 0.2)
+    assert pm.best.node == "a"  # migrating x (1.665 s) then loading m from DRAM beats b's and c's remote pulls
+    assert [o.node for o in pm.options] == ["a", "b", "c"]
+    assert get_migrator() is None  # --apply refuses migrations until the migration issue registers one
+
+
+def test_busy_node_waits_for_room_when_it_reports_decode_rate_and_completion_length():
+    inv = cluster("a", "b")
+    busy = ResidentModel("x", 2 * GB, requests=(RunningRequest("r1", 100, 20), RunningRequest("r2", 300, 80)))
+    states = {"a": state("a", tiers={"m": ("dram",)}, resident=[busy], budget=2 * GB,
+                         decode_seconds_per_token=0.01, mean_generated_tokens=100),
+              "b": state("b", resident=[ResidentModel("y", GB, requests=(RunningRequest("q", 5, 1),))], budget=2 * GB)}
+    [a, b] = sorted(plan("m", inv, states).options, key=lambda o: o.node)
+    # x's requests end in (100 - 20) * 0.01 = 0.8 s and (100 - 80) * 0.01 = 0.2 s: x frees 2 GB after 0.8 s
+    assert a.action == "wait" and a.freeing_seconds == pytest.approx(0.8) and a.seconds == pytest.approx(1.0)
+    # b has room beside y and pulls m from the remote (2.125 s)
+    assert b.action == "load" and b.seconds == pytest.approx(2.125)
+    assert plan("m", inv, states).best.node == "a"
+    # b does not report its decode rate: busy b, with no room, cannot say when it will have some
+    full_b = {**states, "b": state("b", resident=[ResidentModel("y", 2 * GB, requests=(RunningRequest("q", 5, 1),))],
+                                   budget=2 * GB)}
+    assert {o.node: o.action for o in plan("m", inv, full_b).options} == {"a": "wait", "b": "unavailable"}
+
+
+def test_unknown_size_and_oversized_models():
+    inv = cluster("a")
+    with pytest.raises(SchedulingError, match="size of 'q' is unknown"):
+        plan("q", inv, {"a": state("a")})
+    o = plan("m", inv, {"a": state("a", budget=GB // 2)}).options[0]
+    assert o.action == "unavailable" and "budget" in o.reasons[0]
+    reported = {"a": state("a", model_bytes={"q": 3 * GB})}
+    assert plan("q", inv, reported).nbytes == 3 * GB
