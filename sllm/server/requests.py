@@ -74,23 +74,9 @@ class Requests:
             UsageError (400), ModelNotFound (404): for the app's error handlers.
         """
         admit(body, chat, self.limits)
-        extra: dict[str, str] = {}
-        if self.front_door is not None:
-            extra[SERVED_BY_HEADER] = self.front_door.name
-            here = self.manager.entries.get(body.model)
-            if here is not None and here.resident is not None:
-                extra[ESTIMATE_HEADER] = "0.000000"  # resident here: nothing is sooner
-            elif FORWARDED_HEADER not in request.headers:  # 1b. route (never a request forwarded already)
-                route = await self.front_door.route(body.model, await self.manager.status())
-                extra[ESTIMATE_HEADER] = f"{route.estimate_seconds:.6f}"
-                if route.url is not None:
-                    try:
-                        status, headers, stream = await self.front_door.forward(
-                            route, request.url.path, await request.body(), request.headers)
-                    except ServerError as exc:
-                        log.warning("%s; serving %s here", exc, body.model)
-                    else:
-                        return StreamingResponse(stream, status_code=status, headers=headers)
+        routed, extra = await self._route(body, request)
+        if routed is not None:
+            return routed
         t0 = time.monotonic()
         try:
             lease = await self.manager.acquire(body.model)
@@ -106,6 +92,31 @@ class Requests:
         if body.stream:
             return StreamingResponse(run.sse(), media_type="text/event-stream", headers=headers)
         return await run.respond(request, headers)
+
+    async def _route(self, body: Any, request: Request) -> tuple[StreamingResponse | None, dict[str, str]]:
+        """Step 1b on a front door: (the relayed answer of the node the scheduler places the
+        request on, or None to serve it here; headers for the answer). A model resident here,
+        a request forwarded already (never twice) or an unreachable node is served here."""
+        if self.front_door is None:
+            return None, {}
+        extra = {SERVED_BY_HEADER: self.front_door.name}
+        here = self.manager.entries.get(body.model)
+        if here is not None and here.resident is not None:
+            extra[ESTIMATE_HEADER] = "0.000000"  # resident here: nothing is sooner
+            return None, extra
+        if FORWARDED_HEADER in request.headers:
+            return None, extra
+        route = await self.front_door.route(body.model, await self.manager.status())
+        extra[ESTIMATE_HEADER] = f"{route.estimate_seconds:.6f}"
+        if route.url is None:
+            return None, extra
+        try:
+            status, headers, stream = await self.front_door.forward(route, request.url.path, await request.body(),
+                                                                    request.headers)
+        except ServerError as exc:
+            log.warning("%s; serving %s here", exc, body.model)
+            return None, extra
+        return StreamingResponse(stream, status_code=status, headers=headers), extra
 
     async def in_text_thread(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._text_threads, fn, *args)
