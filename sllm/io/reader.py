@@ -28,6 +28,8 @@ DIRECT_IO_ALIGNMENT = 4096
 DEFAULT_READ_THREADS = 4
 
 ChunkCallback = Callable[[int, int, int, memoryview], None]
+#: ``prefault(start, end)``: fault in the destination's pages of ``[start, end)`` (see ParallelRead).
+PrefaultCallback = Callable[[int, int], None]
 
 
 def evict_page_cache(path: str | os.PathLike[str]) -> None:
@@ -46,6 +48,64 @@ def evict_page_cache(path: str | os.PathLike[str]) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+
+
+def resident_fraction(path: str | os.PathLike[str]) -> float | None:
+    """Fraction (0..1) of ``path``'s pages that are in the page cache, by ``mincore(2)``.
+
+    Costs one read-only mapping and one ``mincore`` call (about 1 ms per GB). Returns None
+    where it cannot tell (no libc, a mapping refused); 1.0 for an empty file.
+
+    Raises:
+        CheckpointError: the file cannot be opened.
+    """
+    import ctypes
+
+    libc = _libc()
+    if libc is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot open ({exc.strerror})") from exc
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return 1.0
+        addr = libc.mmap(None, size, 1, 1, fd, 0)  # PROT_READ, MAP_SHARED
+        if addr in (None, ctypes.c_void_p(-1).value):
+            return None
+        try:
+            pages = -(-size // os.sysconf("SC_PAGE_SIZE"))
+            vec = ctypes.create_string_buffer(pages)
+            if libc.mincore(addr, size, vec) != 0:
+                return None
+            return (pages - vec.raw[:pages].count(0)) / pages
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
+_LIBC: list = []
+
+
+def _libc():
+    """libc through ctypes with mmap/munmap/mincore typed, or None where there is none."""
+    import ctypes
+    import ctypes.util
+
+    if not _LIBC:
+        name = ctypes.util.find_library("c")
+        libc = ctypes.CDLL(name, use_errno=True) if name else None
+        if libc is not None:
+            libc.mmap.restype = ctypes.c_void_p
+            libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                  ctypes.c_long]
+            libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+            libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        _LIBC.append(libc)
+    return _LIBC[0]
 
 
 def buffer_address(buf: memoryview) -> int:
@@ -114,6 +174,14 @@ class ParallelRead:
     complete out of order. ``on_chunk(i, start, end, view)`` runs in the worker thread
     (e.g. a checksum; hashlib releases the GIL) and may raise to abort the read.
 
+    With ``prefault``, a thread of its own calls ``prefault(start, end)`` for every chunk in
+    order, and a chunk's read waits until its range has been prefaulted: the first touch of
+    fresh destination memory (page faults, the kernel zeroing pages) then runs one chunk
+    ahead of the reads instead of inside them. On a 2-core VM this took a fresh process's
+    O_DIRECT read of 2.6 GB from 1.0-4.6 s (faults taken by the reads, highly variable) to
+    0.93-1.03 s, the speed of reading into memory faulted beforehand (0.90-1.06 s). An
+    exception from ``prefault`` only stops the prefaulting (the reads fault pages themselves).
+
     Args:
         path: the file; its size must be at least ``len(buf)`` bytes.
         buf: a writable, C-contiguous byte buffer (e.g. ``memoryview(mmap)``).
@@ -138,12 +206,16 @@ class ParallelRead:
         threads: int = DEFAULT_READ_THREADS,
         direct_io: bool | None = None,
         on_chunk: ChunkCallback | None = None,
+        prefault: PrefaultCallback | None = None,
     ) -> None:
         self.path = Path(path)
         self.buf = buf
         self.ranges = chunk_ranges(len(buf), chunk_bytes)
         self.threads = max(1, int(threads))
         self.on_chunk = on_chunk
+        self.prefault = prefault
+        self._faulted: list[threading.Event] | None = None
+        self._stop = threading.Event()
         aligned = (
             chunk_bytes % DIRECT_IO_ALIGNMENT == 0
             and len(buf) % DIRECT_IO_ALIGNMENT == 0
@@ -163,6 +235,8 @@ class ParallelRead:
         assert files is not None
         start, end = self.ranges[i]
         view = self.buf[start:end]
+        if self._faulted is not None:
+            self._faulted[i].wait()
         if end > start:
             try:
                 if files.direct_fd is not None and not files.direct_failed:
@@ -181,11 +255,32 @@ class ParallelRead:
             self.on_chunk(i, start, end, view)
         return i
 
+    def _prefault_all(self) -> None:
+        """Prefault every chunk's range in order, releasing each chunk's reader as it is done."""
+        assert self.prefault is not None and self._faulted is not None
+        try:
+            for (start, end), done in zip(self.ranges, self._faulted):
+                if self._stop.is_set():
+                    break
+                if end > start:
+                    self.prefault(start, end)
+                done.set()
+        except Exception:  # noqa: BLE001 - an optimisation only: the reads fault the pages themselves
+            pass
+        finally:
+            for done in self._faulted:
+                done.set()
+
     def __iter__(self) -> Iterator[int]:
         self._files = _Files(self.path, self._want_direct)
         pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="sllm-read")
         pending: set[Future[int]] = set()
         next_chunk = 0
+        faulting: threading.Thread | None = None
+        if self.prefault is not None:
+            self._faulted = [threading.Event() for _ in self.ranges]
+            faulting = threading.Thread(target=self._prefault_all, name="sllm-prefault", daemon=True)
+            faulting.start()
         try:
             while next_chunk < len(self.ranges) or pending:
                 while next_chunk < len(self.ranges) and len(pending) < 2 * self.threads:
@@ -195,8 +290,11 @@ class ParallelRead:
                 for fut in done:
                     yield fut.result()
         finally:
+            self._stop.set()
             for fut in pending:
                 fut.cancel()
+            if faulting is not None:
+                faulting.join()
             pool.shutdown(wait=True)
             self._files.close()
 
