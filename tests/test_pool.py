@@ -197,7 +197,7 @@ def test_prefault_runs_ahead_of_each_chunk_read(tmp_path):
     read = ParallelRead(path, buf.memoryview(len(data)), chunk_bytes=65536, threads=3, prefault=prefault,
                         on_chunk=lambda i, s, e, v: order.append(("read", s)))  # fmt: skip
     assert sorted(read) == list(range(5))
-    assert faulted == read.ranges  # every chunk, in order
+    assert sorted(faulted) == read.ranges  # every chunk once
     for start, _ in read.ranges:
         assert order.index(("fault", start)) < order.index(("read", start))
     assert bytes(buf.memoryview(len(data))) == data
