@@ -264,3 +264,18 @@ def test_loads_still_valid_after_checkpoint_open(tiny_sllm_gpt2):
     sd = load_state_dict(tiny_sllm_gpt2)
     assert len(sd) == len(open_checkpoint(tiny_sllm_gpt2).tensors)
     release(sd)
+
+
+def test_reservation_plan_for_a_budget(models_dir):
+    from sllm.core.loader import reservation_for
+    from sllm.core.pool import plan_reservation
+    from sllm.io.hostmem import round_up
+
+    assert plan_reservation([[3 * MiB], [9 * MiB, 1 * MiB], [5 * MiB]], 16 * MiB) == [9 * MiB, 1 * MiB, 5 * MiB]
+    assert plan_reservation([[64 * MiB]], 16 * MiB) == []
+    sizes = reservation_for([models_dir / "gpt2-a", models_dir / "gpt2-b", models_dir / "missing"], 1 << 40)
+    one = open_checkpoint(models_dir / "gpt2-a").manifest.partitions[0].nbytes
+    assert sizes == [one, one]
+    pool = HostMemoryPool(pinned=False)
+    pool.reserve_async(lambda: reservation_for([models_dir / "gpt2-a"], round_up(one))).result(timeout=60)
+    assert pool.stats().free_bytes == round_up(one)

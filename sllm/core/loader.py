@@ -50,7 +50,7 @@ from sllm.io.reader import DEFAULT_READ_THREADS
 __all__ = [
     "DeviceSpec", "HostPartitions", "LoadReport", "LoadedCheckpoint", "StateDict", "build_model", "load_checkpoint",
     "load_model", "load_model_from_host", "load_state_dict", "make_skeleton", "partition_tag", "release",
-    "report_of", "resolve_devices", "tensor_views",
+    "report_of", "reservation_for", "resolve_devices", "tensor_views",
 ]  # fmt: skip
 
 ProgressCallback = Callable[[int, int], None]
@@ -407,6 +407,22 @@ def load_model_from_host(held: HostPartitions, device: str | torch.device = "cpu
     ckpt = Checkpoint(Path(name), held.manifest, dict(held.tensors))
     _track(model, LoadedCheckpoint(ckpt, {}, report, on_release=hook))
     return model
+
+
+def reservation_for(model_dirs: list[str | os.PathLike[str]], budget: int) -> list[int]:
+    """The buffer sizes a node with ``budget`` bytes of host memory reserves for these
+    checkpoints (:func:`sllm.core.pool.plan_reservation`); unreadable ones are skipped.
+    Pass it to :meth:`HostMemoryPool.reserve_async` as ``lambda: reservation_for(dirs, budget)``."""
+    from sllm.core.pool import plan_reservation
+    from sllm.errors import SllmError
+
+    models = []
+    for d in model_dirs:
+        try:
+            models.append([p.nbytes for p in open_checkpoint(d).manifest.partitions])
+        except SllmError:
+            continue
+    return plan_reservation(models, budget)
 
 
 def report_of(obj: Any) -> LoadReport:

@@ -21,7 +21,7 @@ import os
 import re
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -296,15 +296,17 @@ class HostMemoryPool:
         for b in bufs:
             self.release(b)
 
-    def reserve_async(self, sizes: list[int]) -> Future[None]:
-        """:meth:`reserve` in a background thread; returns at once. The future completes
-        when every buffer is faulted in (its exception: a :class:`CacheError` or an
-        allocation failure). Loads meanwhile proceed as without a reservation."""
+    def reserve_async(self, sizes: list[int] | Callable[[], list[int]]) -> Future[None]:
+        """:meth:`reserve` in a background thread; returns at once. ``sizes`` may be a
+        function that computes them (called in that thread, e.g. opening checkpoints). The
+        future completes when every buffer is faulted in (its exception: a
+        :class:`CacheError` or an allocation failure). Loads meanwhile proceed as without a
+        reservation."""
         fut: Future[None] = Future()
 
         def run() -> None:
             try:
-                self.reserve(sizes)
+                self.reserve(sizes() if callable(sizes) else sizes)
             except BaseException as exc:  # noqa: BLE001 - handed to the future
                 fut.set_exception(exc)
             else:
@@ -334,6 +336,19 @@ class HostMemoryPool:
                 idle_capacity_bytes=self.idle_capacity_bytes,
                 reclaimed=self._reclaimed,
             )
+
+
+def plan_reservation(models: Iterable[Sequence[int]], budget: int) -> list[int]:
+    """Buffer sizes to reserve for a node: the partition sizes of each model (bytes, one
+    sequence per model), largest model first, while their rounded total fits ``budget``."""
+    sizes: list[int] = []
+    used = 0
+    for parts in sorted(models, key=sum, reverse=True):
+        need = sum(round_up(n) for n in parts)
+        if used + need <= budget:
+            sizes.extend(parts)
+            used += need
+    return sizes
 
 
 _default_pool: HostMemoryPool | None = None
