@@ -136,13 +136,17 @@ class HostBuffer:
         self._base_uses = self._uses()
         return self
 
-    def _uses(self) -> int:
-        return torch._C._storage_Use_Count(self.tensor.untyped_storage()._cdata)
+    def _uses(self) -> int | None:
+        count = getattr(torch._C, "_storage_Use_Count", None)
+        return None if count is None else count(self.tensor.untyped_storage()._cdata)
 
     def viewed(self) -> bool:
         """True while a tensor other than :attr:`tensor` shares this buffer's memory (by the
         use count of its torch storage: every view holds a reference)."""
-        return self._uses() > self._base_uses
+        uses = self._uses()
+        if uses is None or self._base_uses is None:
+            return True  # a torch that cannot tell: never reuse a dropped buffer
+        return uses > self._base_uses
 
     def _pin(self) -> None:
         cudart = torch.cuda.cudart()
