@@ -401,7 +401,7 @@ def run_bench(
     others = max(0.0, (busy_end - busy_start) - (own_end - own_start)) / wall if wall > 0 else 0.0
     cpus = os.cpu_count() or 1
     notes = [*prepared.notes, *skip_notes]
-    if any(r.resident_before_max and r.resident_before_max > 0.05 for r in rows):
+    if any(r.temperature == "cold" and r.resident_before_max and r.resident_before_max > 0.05 for r in rows):
         notes.append("page-cache eviction was incomplete for some cold runs (see resident_before_max)")
     if others > 0.25:
         notes.append(f"the machine was busy: other processes used {others:.2f} of its {cpus} CPUs on average")
