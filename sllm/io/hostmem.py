@@ -58,14 +58,12 @@ class HostBuffer:
     """One page-aligned host allocation and a uint8 tensor over it.
 
     With ``populate`` (default) every page is faulted in now, so later use runs at memory
-    speed (a pool's reserve, a timing baseline). Without it the pages are faulted by their
-    first use; a buffer about to be filled by O_DIRECT reads should skip it: the kernel
-    then faults pages while it sets up the reads, overlapped across reader threads, which
-    measured 1.3-2.1 s for 2.6 GB against 3.3-4.5 s for populating first and reading after.
-
-    :meth:`prefault` faults a range in ahead of its use; the loader runs it one chunk ahead
-    of the reads in a thread of its own (see :class:`sllm.io.reader.ParallelRead`), which
-    takes the faults off the reads' path.
+    speed (a pool's reserve, a timing baseline). Without it (``faulted`` False) the pages
+    are faulted by their first use: the loader then runs :meth:`prefault` ahead of the
+    O_DIRECT reads, in threads of their own (see :class:`sllm.io.reader.ParallelRead`), so
+    the faults are taken off the reads' path. On a 2-core VM a fresh process's first touch
+    of 2.6 GB varied from 0.2 s to 5 s (the hypervisor backs memory the guest gave back),
+    against about 1.0 s for the read itself.
 
     Attributes:
         nbytes: capacity in bytes (a multiple of :data:`BUFFER_ROUNDING`).
