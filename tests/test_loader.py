@@ -16,7 +16,13 @@ from sllm.io.reader import ParallelRead, chunk_ranges, read_whole
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def test_tensors_are_views_of_one_buffer_per_partition(tiny_sllm_gpt2):
+@pytest.fixture
+def no_page_cache(monkeypatch):
+    """Read from storage even where the freshly written test files sit in the page cache."""
+    monkeypatch.setenv("SLLM_PAGE_CACHE", "0")
+
+
+def test_tensors_are_views_of_one_buffer_per_partition(tiny_sllm_gpt2, no_page_cache):
     pool = HostMemoryPool(pinned=False)
     loaded = load_checkpoint(tiny_sllm_gpt2, pool=pool)
     base = {t.untyped_storage().data_ptr() for t in loaded.state_dict.values()}
@@ -30,7 +36,7 @@ def test_tensors_are_views_of_one_buffer_per_partition(tiny_sllm_gpt2):
     assert pool.stats().leased_buffers == 0 and pool.stats().free_buffers == 1
 
 
-def test_pool_reuses_buffers_across_loads(tiny_sllm_gpt2):
+def test_pool_reuses_buffers_across_loads(tiny_sllm_gpt2, no_page_cache):
     pool = HostMemoryPool(pinned=False)
     first = load_state_dict(tiny_sllm_gpt2, pool=pool)
     ptr = next(iter(first.values())).untyped_storage().data_ptr()
@@ -45,7 +51,7 @@ def test_pool_reuses_buffers_across_loads(tiny_sllm_gpt2):
     assert (stats.allocations, stats.reuses, stats.hits) == (1, 0, 1)
 
 
-def test_pool_hit_never_serves_a_changed_file(tiny_sllm_gpt2, tmp_path):
+def test_pool_hit_never_serves_a_changed_file(tiny_sllm_gpt2, no_page_cache, tmp_path):
     import os
     import shutil
 
@@ -63,7 +69,7 @@ def test_pool_hit_never_serves_a_changed_file(tiny_sllm_gpt2, tmp_path):
     assert pool.stats().reuses == 1
 
 
-def test_release_model_moves_it_off_the_buffers(tiny_sllm_gpt2):
+def test_release_model_moves_it_off_the_buffers(tiny_sllm_gpt2, no_page_cache):
     pool = HostMemoryPool(pinned=False)
     model = load_model(tiny_sllm_gpt2, pool=pool)
     report = report_of(model)

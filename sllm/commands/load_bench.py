@@ -1,10 +1,11 @@
-"""``sllm load-bench MODEL_DIR``: time sllm's loader against safetensors, torch.load and
-from_pretrained on one model, cold and warm, and check the targets of the loader.
+"""``sllm load-bench MODEL_DIR``: time sllm's loader against its peers (safetensors, Run:ai
+Model Streamer, fastsafetensors, tensorizer, torch.load, from_pretrained) on one model, cold
+and warm, and check the targets of the loader.
 
 Thin: it parses flags, calls :func:`sllm.core.bench.prepare` and
-:func:`sllm.core.bench.run_bench`, and renders the result (a table, ``--json``, ``--plot``).
-The measuring happens in fresh worker processes started by the core; this module imports
-no torch at import time.
+:func:`sllm.core.bench.run_bench`, and renders the result (a table, ``--json``, and the
+``--plot`` PNG, drawn here with matplotlib). The measuring happens in fresh worker processes
+started by the core; this module imports no torch at import time.
 """
 
 from __future__ import annotations
@@ -28,12 +29,8 @@ def _fmt_ratio(x: float | None) -> str:
 
 
 def _via(row) -> str:
-    """How the bytes arrived, for sllm and raw rows: O_DIRECT, buffered, or the pool."""
-    if row.pool_hit:
-        return "pool"
-    if row.direct_io is None:
-        return ""
-    return "O_DIRECT" if row.direct_io else "buffered"
+    """How the bytes arrived, for sllm and raw rows: O_DIRECT, buffered, page-cache or pool."""
+    return row.via
 
 
 def _wide_table(title: str, columns: list[str], rows: list[list]) -> None:
@@ -70,7 +67,7 @@ def _render(result) -> None:
     )
     stdout.print(
         "x sllm: median time over sllm's at the same readiness and cache state (> 1 is slower; "
-        "raw and sllm-unreserved compare with sllm model)"
+        "raw compares with sllm model, sllm-page-cache with sllm cold)"
     )
     marks = {True: "met", False: "MISSED", None: "n/a"}
     table(
@@ -83,6 +80,57 @@ def _render(result) -> None:
         stdout.print(f"failed: {method}: {why}")
     for note in result.notes:
         stdout.print(f"note: {note}")
+
+
+def draw_plot(result, path: Path) -> None:
+    """Draw the model-ready medians (cold and warm, min-max as error bars) to a PNG.
+
+    Raises:
+        UsageError: matplotlib is not installed (install the ``plot`` extra).
+    """
+    plt = import_pyplot()
+    rows = [r for r in result.rows if r.level in ("model", "bytes")]
+    names = list(dict.fromkeys(r.method for r in rows))
+    fig, ax = plt.subplots(figsize=(9, 0.6 * len(names) + 1.5))
+    height = 0.38
+    for k, temp in enumerate(("cold", "warm")):
+        by = {r.method: r for r in rows if r.temperature == temp}
+        ys = [i + (k - 0.5) * height for i, n in enumerate(names) if n in by]
+        rs = [by[n] for n in names if n in by]
+        ax.barh(
+            ys,
+            [r.seconds_median for r in rs],
+            height=height,
+            label=temp,
+            xerr=[[r.seconds_median - r.seconds_min for r in rs], [r.seconds_max - r.seconds_median for r in rs]],
+        )
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds to ready (median; bars: min-max)")
+    ax.set_title(f"{Path(result.model_dir).name}: {result.nbytes / 1e9:.2f} GB, {result.device}, {result.runs} runs")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def import_pyplot():
+    """``matplotlib.pyplot`` with the Agg backend.
+
+    Raises:
+        UsageError: matplotlib is missing, with the install hint.
+    """
+    from sllm.errors import UsageError
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise UsageError("--plot needs matplotlib, which is not installed",
+                         hint="pip install 'sllm[plot]'") from exc  # fmt: skip
+    return plt
 
 
 @handle_errors
@@ -109,8 +157,9 @@ def load_bench(
         str | None,
         typer.Option(
             "--methods",
-            help="Comma-separated subset: raw, sllm, sllm-unreserved, safetensors, torch-load, torch-load-mmap, "
-            "from-pretrained, or LOADER:LEVEL (e.g. sllm:model). Default: all.",
+            help="Comma-separated subset: raw, sllm, sllm-reserved, sllm-page-cache, safetensors, runai, "
+            "fastsafetensors, tensorizer, torch-load, torch-load-mmap, from-pretrained, or LOADER:LEVEL "
+            "(e.g. sllm:model). Default: all. runai, fastsafetensors and tensorizer need pip install 'sllm[bench]'.",
         ),
     ] = None,
     plot: Annotated[
@@ -142,23 +191,26 @@ def load_bench(
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Time sllm's loader against safetensors, torch.load and from_pretrained, cold and warm.
+    """Time sllm's loader against its peers, cold and warm, each in a fresh process.
 
     Methods: raw (an O_DIRECT read of the same bytes into touched memory: the floor),
-    sllm (load_model and load_state_dict, host memory pool reserved as a server does at
-    start), sllm-unreserved (the first load of a fresh process), safetensors (load_file),
-    torch-load and torch-load-mmap (weights_only=True), from-pretrained. Each runs in a
-    fresh process per run, with the architecture's module imported beforehand (untimed):
-    cold after evicting the model's files from the page cache (posix_fadvise DONTNEED),
-    then warm. A load counts as done when every page of every tensor is resident (or the
-    GPU is synchronised).
+    sllm (load_model and load_state_dict as the first load of a fresh process, nothing
+    reserved; warm = the reload after `del`), sllm-reserved (host memory pool reserved at
+    start, as a server with a budget), sllm-page-cache (a fresh process whose files are in
+    the page cache), safetensors (load_file), runai (Run:ai Model Streamer),
+    fastsafetensors, tensorizer, torch-load and torch-load-mmap (weights_only=True),
+    from-pretrained. Each runs in a fresh process per run, with the architecture's module
+    imported beforehand (untimed): cold after evicting the model's files from the page
+    cache (posix_fadvise DONTNEED), then warm. A load counts as done when every page of
+    every tensor is resident (or the GPU is synchronised).
 
     A Hugging Face MODEL_DIR is converted once into the work directory; when it has
     safetensors only, a pytorch_model.bin copy is written there for the torch.load rows.
     Prints median/min/max seconds, GB/s, the time relative to sllm, and whether the
-    loader's targets are met (cold within 1.15x of the raw read and 2.5x faster than
-    from_pretrained; warm 5x faster than from_pretrained). Progress goes to stderr; exits 1
-    when a method failed.
+    loader's targets are met (cold state dict and model within 1.15x of the raw read, the
+    state dict ahead of every peer, page-cache loads no slower than safetensors warm, the
+    reload after del a pool hit, 2.5x/5x faster than from_pretrained cold/warm). Progress
+    goes to stderr; exits 1 when a method failed.
 
     With --tiers it profiles the node instead: cold SSD bandwidth (O_DIRECT, best thread
     count), DRAM-to-device bandwidth, the remote's (with --remote), the loader's fixed cost
@@ -172,7 +224,7 @@ def load_bench(
         return
     selected = tuple(bench.select_methods(methods.split(",") if methods else None))
     if plot is not None:
-        bench.import_pyplot()  # fail before the long run, not after it
+        import_pyplot()  # fail before the long run, not after it
     config = bench.BenchConfig(
         model_dir=model_dir, hf_dir=hf_dir, work_dir=work_dir, runs=runs, threads=threads, device=device,
         methods=selected,
@@ -186,7 +238,7 @@ def load_bench(
         prepared = bench.prepare(config, log=log, on_progress=on_progress)
     result = bench.run_bench(config, prepared, log=log)
     if plot is not None:
-        bench.plot(result, plot)
+        draw_plot(result, plot)
         log(f"plot written to {plot}")
     if json_output:
         emit_json(result)

@@ -26,8 +26,14 @@ from sllm.errors import CheckpointError, TruncatedPartition
 #: 4096 covers every common device (512e and 4Kn disks, NVMe).
 DIRECT_IO_ALIGNMENT = 4096
 DEFAULT_READ_THREADS = 4
+#: Threads that prefault a fresh destination ahead of the reads (one per CPU, at most 4):
+#: on a VM the first touch of memory can cost the hypervisor's faults too, and those run
+#: in parallel across vCPUs.
+DEFAULT_PREFAULT_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 ChunkCallback = Callable[[int, int, int, memoryview], None]
+#: ``prefault(start, end)``: fault in the destination's pages of ``[start, end)`` (see ParallelRead).
+PrefaultCallback = Callable[[int, int], None]
 
 
 def evict_page_cache(path: str | os.PathLike[str]) -> None:
@@ -46,6 +52,64 @@ def evict_page_cache(path: str | os.PathLike[str]) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+
+
+def resident_fraction(path: str | os.PathLike[str]) -> float | None:
+    """Fraction (0..1) of ``path``'s pages that are in the page cache, by ``mincore(2)``.
+
+    Costs one read-only mapping and one ``mincore`` call (about 1 ms per GB). Returns None
+    where it cannot tell (no libc, a mapping refused); 1.0 for an empty file.
+
+    Raises:
+        CheckpointError: the file cannot be opened.
+    """
+    import ctypes
+
+    libc = _libc()
+    if libc is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot open ({exc.strerror})") from exc
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return 1.0
+        addr = libc.mmap(None, size, 1, 1, fd, 0)  # PROT_READ, MAP_SHARED
+        if addr in (None, ctypes.c_void_p(-1).value):
+            return None
+        try:
+            pages = -(-size // os.sysconf("SC_PAGE_SIZE"))
+            vec = ctypes.create_string_buffer(pages)
+            if libc.mincore(addr, size, vec) != 0:
+                return None
+            return (pages - vec.raw[:pages].count(0)) / pages
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
+_LIBC: list = []
+
+
+def _libc():
+    """libc through ctypes with mmap/munmap/mincore typed, or None where there is none."""
+    import ctypes
+    import ctypes.util
+
+    if not _LIBC:
+        name = ctypes.util.find_library("c")
+        libc = ctypes.CDLL(name, use_errno=True) if name else None
+        if libc is not None:
+            libc.mmap.restype = ctypes.c_void_p
+            libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                  ctypes.c_long]
+            libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+            libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        _LIBC.append(libc)
+    return _LIBC[0]
 
 
 def buffer_address(buf: memoryview) -> int:
@@ -114,6 +178,16 @@ class ParallelRead:
     complete out of order. ``on_chunk(i, start, end, view)`` runs in the worker thread
     (e.g. a checksum; hashlib releases the GIL) and may raise to abort the read.
 
+    With ``prefault``, ``prefault_threads`` threads of their own (default
+    :data:`DEFAULT_PREFAULT_THREADS`) call ``prefault(start, end)`` for every chunk, in order
+    and round-robin, and a chunk's read waits until its range has been prefaulted: the first
+    touch of fresh destination memory (page faults, the kernel zeroing pages) then runs
+    ahead of the reads instead of inside them. On a 2-core VM a fresh process's O_DIRECT
+    read of 2.6 GB took 1.0-4.6 s with the faults taken by the reads, against 0.90-1.06 s
+    into memory faulted beforehand; see the closing note of issue 7 for what prefaulting
+    ahead gives. An exception from ``prefault`` only stops the prefaulting (the reads then
+    fault pages themselves).
+
     Args:
         path: the file; its size must be at least ``len(buf)`` bytes.
         buf: a writable, C-contiguous byte buffer (e.g. ``memoryview(mmap)``).
@@ -138,12 +212,18 @@ class ParallelRead:
         threads: int = DEFAULT_READ_THREADS,
         direct_io: bool | None = None,
         on_chunk: ChunkCallback | None = None,
+        prefault: PrefaultCallback | None = None,
+        prefault_threads: int | None = None,
     ) -> None:
         self.path = Path(path)
         self.buf = buf
         self.ranges = chunk_ranges(len(buf), chunk_bytes)
         self.threads = max(1, int(threads))
         self.on_chunk = on_chunk
+        self.prefault = prefault
+        self.prefault_threads = max(1, int(prefault_threads or DEFAULT_PREFAULT_THREADS))
+        self._faulted: list[threading.Event] | None = None
+        self._stop = threading.Event()
         aligned = (
             chunk_bytes % DIRECT_IO_ALIGNMENT == 0
             and len(buf) % DIRECT_IO_ALIGNMENT == 0
@@ -163,6 +243,8 @@ class ParallelRead:
         assert files is not None
         start, end = self.ranges[i]
         view = self.buf[start:end]
+        if self._faulted is not None:
+            self._faulted[i].wait()
         if end > start:
             try:
                 if files.direct_fd is not None and not files.direct_failed:
@@ -181,11 +263,37 @@ class ParallelRead:
             self.on_chunk(i, start, end, view)
         return i
 
+    def _prefault_share(self, k: int, of: int) -> None:
+        """Prefault chunks ``k, k + of, k + 2*of, ...`` in order, releasing each chunk's reader."""
+        assert self.prefault is not None and self._faulted is not None
+        mine = range(k, len(self.ranges), of)
+        try:
+            for i in mine:
+                if self._stop.is_set():
+                    break
+                start, end = self.ranges[i]
+                if end > start:
+                    self.prefault(start, end)
+                self._faulted[i].set()
+        except Exception:  # noqa: BLE001 - an optimisation only: the reads fault the pages themselves
+            pass
+        finally:
+            for i in mine:
+                self._faulted[i].set()
+
     def __iter__(self) -> Iterator[int]:
         self._files = _Files(self.path, self._want_direct)
         pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="sllm-read")
         pending: set[Future[int]] = set()
         next_chunk = 0
+        faulting: list[threading.Thread] = []
+        if self.prefault is not None:
+            self._faulted = [threading.Event() for _ in self.ranges]
+            of = max(1, min(self.prefault_threads, len(self.ranges)))
+            faulting = [threading.Thread(target=self._prefault_share, args=(k, of), name="sllm-prefault", daemon=True)
+                        for k in range(of)]  # fmt: skip
+            for t in faulting:
+                t.start()
         try:
             while next_chunk < len(self.ranges) or pending:
                 while next_chunk < len(self.ranges) and len(pending) < 2 * self.threads:
@@ -195,8 +303,11 @@ class ParallelRead:
                 for fut in done:
                     yield fut.result()
         finally:
+            self._stop.set()
             for fut in pending:
                 fut.cancel()
+            for t in faulting:
+                t.join()
             pool.shutdown(wait=True)
             self._files.close()
 

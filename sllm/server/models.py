@@ -582,6 +582,11 @@ class ModelManager:
             warm_device(self.config.device)
 
         self.warm = loop.run_in_executor(self._meta_threads, warm)
+        budget = self.config.max_memory_bytes or (self.config.cache.dram_capacity_bytes if self.config.cache else 0)
+        if budget:  # fault the pool in now, in the background, so cold starts read into touched memory
+            from sllm.core.loader import reservation_for
+
+            self.pool.reserve_async(lambda: reservation_for(paths, budget))
 
     async def close(self) -> None:
         """Stop the reaper and unload every model (requests still running end "cancelled")."""

@@ -179,7 +179,7 @@ class DramTier:
             self._entries[model] = entry
         try:
             for p in manifest.partitions:
-                entry.buffers.append(self.pool.acquire(p.nbytes))
+                entry.buffers.append(self.pool.acquire(p.nbytes, exact=True))  # charged = handed out
         except BaseException:
             self.abort(entry)
             raise
