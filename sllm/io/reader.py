@@ -14,13 +14,14 @@ All ``OSError``s raised here are translated into :class:`sllm.errors.TruncatedPa
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
-from sllm.errors import CheckpointError, TruncatedPartition
+from sllm.errors import CheckpointError, RemoteError, TruncatedPartition
 
 #: O_DIRECT needs buffer address, file offset and length aligned to the logical block size;
 #: 4096 covers every common device (512e and 4Kn disks, NVMe).
@@ -321,3 +322,53 @@ def read_whole(path: str | os.PathLike[str], buf: memoryview, **kwargs) -> bool:
     for _ in read:
         pass
     return read.direct_io
+
+
+def hash_file_chunks(
+    path: str | os.PathLike[str],
+    nbytes: int,
+    chunk_bytes: int,
+    *,
+    threads: int = 2,
+    on_chunk: Callable[[int, int, int, str], None] | None = None,
+) -> list[str]:
+    """The sha256 hex digest of each ``chunk_bytes`` chunk of a local file's first ``nbytes``.
+
+    Reads with ``threads`` threads (``os.pread``, one chunk in memory per thread). The file
+    must be at least ``nbytes`` long. ``on_chunk(i, start, end, digest)`` runs as each chunk
+    is hashed (in order).
+
+    Raises:
+        RemoteError: the file cannot be read or is shorter than ``nbytes`` ("truncated").
+    """
+    ranges = [(s, min(s + chunk_bytes, nbytes)) for s in range(0, nbytes, chunk_bytes)] or [(0, 0)]
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise RemoteError(f"{path}: cannot open ({exc.strerror})") from exc
+
+    def one(r: tuple[int, int]) -> str:
+        start, end = r
+        h = hashlib.sha256()
+        pos = start
+        while pos < end:
+            try:
+                data = os.pread(fd, min(end - pos, 8 * 1024 * 1024), pos)
+            except OSError as exc:
+                raise RemoteError(f"{path}: read failed at byte {pos} ({exc.strerror})") from exc
+            if not data:
+                raise RemoteError(f"{path}: truncated: the file ends at byte {pos}, expected {nbytes}")
+            h.update(data)
+            pos += len(data)
+        return h.hexdigest()
+
+    digests = []
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="sllm-hash") as pool:
+            for i, digest in enumerate(pool.map(one, ranges)):
+                digests.append(digest)
+                if on_chunk:
+                    on_chunk(i, ranges[i][0], ranges[i][1], digest)
+    finally:
+        os.close(fd)
+    return digests

@@ -33,7 +33,7 @@ from sllm.errors import CacheError, CheckpointError, RemoteError, UsageError
 from sllm.io.remote import redact_url
 from sllm.server import schemas
 from sllm.server.catalog import check_model_name
-from sllm.server.models import ModelManager, NotInTier, TierConflict
+from sllm.server.models import Entry, ModelManager, NotInTier, TierConflict
 
 #: Tiers that ``tier=`` may name, fastest first.
 TIERS = ("device", "dram", "ssd")
@@ -137,7 +137,7 @@ async def _set_pinned(manager: ModelManager, model: str, tier: str | None, pinne
         raise NotInTier(f"{model}: not in the {tier or 'device, DRAM or SSD'} tier(s) of this node")
     for t in tiers:
         if t == "device":
-            manager.set_pinned(model, pinned)
+            set_device_pinned(manager, model, pinned)
         else:
             cache = manager.tiers.cache  # type: ignore[union-attr]
             await manager.in_meta(cache.pin if pinned else cache.unpin, model, t)
@@ -160,7 +160,7 @@ async def _evict(manager: ModelManager, model: str, tier: str | None) -> dict[st
     if not tiers:
         raise NotInTier(f"{model}: not in the {tier or 'device, DRAM or SSD'} tier(s) of this node")
     if "device" in tiers:
-        manager.check_evictable(model)
+        check_evictable(manager, model)
     rows = {}
     if manager.tiers is not None:
         rows = {r.tier: r for r in await manager.in_meta(manager.tiers.cache.ls)
@@ -187,6 +187,36 @@ async def _evict(manager: ModelManager, model: str, tier: str | None) -> dict[st
     await manager.refresh()
     await manager.trim_pool()
     return {"model": model, "tiers": done, "freed_bytes": freed}
+
+
+def set_device_pinned(manager: ModelManager, model_id: str, pinned: bool) -> None:
+    """Pin (never unloaded by keep-alive or the budget) or unpin a resident model.
+
+    Raises:
+        NotInTier: the model is not resident.
+    """
+    e = manager.entries.get(model_id)
+    if e is None or e.resident is None:
+        raise NotInTier(f"{model_id}: not resident on this node's device")
+    e.pinned = pinned
+
+def check_evictable(manager: ModelManager, model_id: str) -> Entry:
+    """The entry of a resident model that :meth:`ModelManager.evict` may unload now.
+
+    Raises:
+        NotInTier: not resident. TierConflict: loading, pinned, or requests in flight.
+    """
+    e = manager.entries.get(model_id)
+    if e is not None and e.loading is not None:
+        raise TierConflict(f"{model_id}: loading now; evict it once it is loaded and idle")
+    if e is None or e.resident is None:
+        raise NotInTier(f"{model_id}: not resident on this node's device")
+    if e.pinned:
+        raise TierConflict(f"{model_id}: pinned on the device", hint=f"unpin it first: `sllm cache unpin {model_id}`")
+    if e.resident.leases:
+        raise TierConflict(f"{model_id}: {e.resident.leases} request(s) in flight on the device; "
+                           "evict it when they have finished")
+    return e
 
 
 def error_body_for(exc: CacheError) -> dict[str, Any]:

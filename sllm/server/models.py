@@ -21,7 +21,7 @@ threads.
 
 Idle models (no lease) unload after ``keep_alive_seconds`` (scale to zero), and before a
 load the least recently used idle models unload until the new one fits the memory budget;
-a model pinned on the device (:meth:`ModelManager.set_pinned`) is never unloaded that way.
+a model pinned on the device (``sllm cache pin --tier device``) is never unloaded that way.
 
 All state changes happen on the event loop thread, so no lock guards them. Nothing on the
 loop blocks: loads and unloads run in the manager's load threads, and catalogue scans
@@ -241,42 +241,15 @@ class ModelManager:
 
     # -- the device tier ------------------------------------------------------------------
 
-    def set_pinned(self, model_id: str, pinned: bool) -> None:
-        """Pin (never unloaded by keep-alive or the budget) or unpin a resident model.
-
-        Raises:
-            NotInTier: the model is not resident.
-        """
-        e = self.entries.get(model_id)
-        if e is None or e.resident is None:
-            raise NotInTier(f"{model_id}: not resident on this node's device")
-        e.pinned = pinned
-
-    def check_evictable(self, model_id: str) -> Entry:
-        """The entry of a resident model that :meth:`evict` may unload now.
-
-        Raises:
-            NotInTier: not resident. TierConflict: loading, pinned, or requests in flight.
-        """
-        e = self.entries.get(model_id)
-        if e is not None and e.loading is not None:
-            raise TierConflict(f"{model_id}: loading now; evict it once it is loaded and idle")
-        if e is None or e.resident is None:
-            raise NotInTier(f"{model_id}: not resident on this node's device")
-        if e.pinned:
-            raise TierConflict(f"{model_id}: pinned on the device", hint=f"unpin it first: `sllm cache unpin {model_id}`")
-        if e.resident.leases:
-            raise TierConflict(f"{model_id}: {e.resident.leases} request(s) in flight on the device; "
-                               "evict it when they have finished")
-        return e
-
     async def evict(self, model_id: str) -> int:
         """Unload a resident, idle, unpinned model now; returns the bytes freed.
 
         Raises:
-            As :meth:`check_evictable`.
+            As :func:`sllm.server.cache_api.check_evictable`.
         """
-        e = self.check_evictable(model_id)
+        from sllm.server.cache_api import check_evictable
+
+        e = check_evictable(self, model_id)
         nbytes = e.resident.nbytes  # type: ignore[union-attr]
         if not await self._unload(e, "evicted"):
             raise TierConflict(f"{model_id}: a request took it while it was being evicted")
