@@ -407,3 +407,12 @@ def test_an_unexpected_error_mid_stream_is_an_error_event_then_done(models_dir):
         assert json.loads(events[-2])["error"]["message"] == "internal error: RuntimeError"
         assert post(n.url, model="gpt2-a").status_code == 200  # the node carries on; the lease came back
         wait_for(lambda: n.status()["resident"][0]["requests"] == [], "the broken stream's generation to end")
+
+
+def test_a_tiny_temperature_behaves_as_greedy(models_dir):
+    with running(models_dir) as n:
+        greedy = post(n.url, model="gpt2-a", prompt="The quick brown fox", max_tokens=12, temperature=0).json()
+        for t in (1e-40, 5e-324):
+            r = post(n.url, model="gpt2-a", prompt="The quick brown fox", max_tokens=12, temperature=t, seed=7).json()
+            assert r["choices"][0]["text"] == greedy["choices"][0]["text"] != ""
+            assert r["choices"][0]["finish_reason"] == greedy["choices"][0]["finish_reason"]
