@@ -65,3 +65,50 @@ def test_loader_options():
                       ({"remote": "/r"}, "cache_dir"), ([1], "JSON object")]:
         with pytest.raises(UsageError, match=word):
             LoaderOptions.parse(bad)
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_streamed_load_gives_every_tensor_as_a_view_once_its_bytes_are_in(tmp_path, verify):
+    from sllm.core.format import open_checkpoint
+    from sllm.core.pool import HostMemoryPool
+    from sllm.integrations.vllm.stream import StreamedLoad
+
+    build_tiny_model("qwen2").save_pretrained(tmp_path / "src")
+    # Small chunks, so that tensors really wait for several chunks each.
+    convert(tmp_path / "src", tmp_path / "dst", chunk_bytes=8192, partitions=2)
+    ckpt = open_checkpoint(tmp_path / "dst")
+    pool = HostMemoryPool()
+    load = StreamedLoad(ckpt, pool, threads=3, verify=verify)
+    got = {}
+    for name, t in load.tensors():
+        got[name] = t.clone()  # what a consumer sees at the moment it is handed the tensor
+    assert load.report is not None and load.report.nbytes == ckpt.manifest.total_bytes and not load.report.pool_hit
+    load.release()
+    want = load_checkpoint(tmp_path / "dst")
+    try:
+        assert set(got) == set(want.state_dict)
+        for name, t in want.state_dict.items():
+            assert torch.equal(got[name], t), name
+    finally:
+        want.release()
+    again = StreamedLoad(ckpt, pool)  # the pool still holds both partitions: no read
+    assert len(list(again.tensors())) == len(got) and again.report.pool_hit
+    again.release()
+
+
+def test_streamed_load_with_verify_refuses_a_flipped_byte(tmp_path):
+    from sllm.core.format import open_checkpoint
+    from sllm.core.pool import HostMemoryPool
+    from sllm.errors import ChecksumMismatch
+    from sllm.integrations.vllm.stream import StreamedLoad
+
+    build_tiny_model("gpt2").save_pretrained(tmp_path / "src")
+    convert(tmp_path / "src", tmp_path / "dst")
+    part = tmp_path / "dst" / "partition-0.bin"
+    data = bytearray(part.read_bytes())
+    data[100] ^= 0xFF
+    part.write_bytes(bytes(data))
+    load = StreamedLoad(open_checkpoint(tmp_path / "dst"), HostMemoryPool(), verify=True)
+    with pytest.raises(ChecksumMismatch, match="partition-0.bin: chunk 0"):
+        list(load.tensors())
+    load.release()

@@ -2,13 +2,14 @@
 
 vLLM builds the model itself (its own modules, quantization, tensor-parallel layout) and
 asks the loader to fill it (``load_weights(model, model_config)``). This loader reads the
-sllm checkpoint with :func:`sllm.core.loader.load_checkpoint`: each partition into one
-pooled host buffer with large parallel (O_DIRECT) reads, every tensor a view at its offset.
-It hands ``model.load_weights`` those views under the source checkpoint's names
-(:mod:`sllm.integrations.vllm.names`), so vLLM's own per-model weight loaders copy each into
-its parameter (with tensor-parallel slicing: any TP degree loads one checkpoint). Then the
-buffers go back to the pool. With ``cache_dir`` in the extra config the checkpoint comes
-through sllm's tier cache (pulled from a remote into the SSD tier first).
+sllm checkpoint with :class:`sllm.integrations.vllm.stream.StreamedLoad`: each partition into
+one pooled host buffer with large parallel (O_DIRECT) reads, every tensor a view at its
+offset, handed on as soon as its bytes land. It hands ``model.load_weights`` those views under
+the source checkpoint's names (:mod:`sllm.integrations.vllm.names`), so vLLM's own per-model
+weight loaders copy each into its parameter while the next chunks are read (slicing it for
+tensor parallelism: one checkpoint serves any TP degree). Then the buffers go back to the
+pool. With ``cache_dir`` in the extra config the checkpoint comes through sllm's tier cache
+(pulled from a remote into the SSD tier first).
 
 It imports vLLM, so only vLLM imports it (through :func:`sllm.integrations.vllm.register`).
 It does not build models, pick devices or change vLLM's memory accounting.
@@ -28,10 +29,14 @@ from vllm.logger import init_logger
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
-from sllm.core.loader import LoadReport, load_checkpoint
+from sllm.core.format import open_checkpoint
+from sllm.core.loader import LoadReport
+from sllm.core.pool import HostMemoryPool
 from sllm.errors import CheckpointError, SllmError
 from sllm.integrations.vllm.names import source_weights
 from sllm.integrations.vllm.options import LoaderOptions
+from sllm.integrations.vllm.stream import StreamedLoad
+from sllm.io.reader import DEFAULT_READ_THREADS
 
 # Under "vllm." so that vLLM's logging configuration shows it with its own lines.
 logger = init_logger("vllm.model_executor.model_loader.sllm")
@@ -52,6 +57,11 @@ class SllmModelLoader(BaseModelLoader):
     """
 
     last_report: LoadReport | None = None
+    #: The host memory pool the partition buffers are leased from. None (vLLM's own
+    #: processes): a pool of one load, emptied after it, so no host copy outlives the load.
+    #: A long-lived process (``sllm serve --backend vllm``) sets its node's pool here, so
+    #: a model reloaded soon after is not read again (the DRAM tier).
+    pool: HostMemoryPool | None = None
 
     def __init__(self, load_config: LoadConfig) -> None:
         super().__init__(load_config)
@@ -93,13 +103,16 @@ class SllmModelLoader(BaseModelLoader):
         """
         with _one_line(), self._checkpoint_dir(model_config) as path:
             started = time.perf_counter()
-            loaded = load_checkpoint(
-                path, "cpu", threads=self.options.threads, direct_io=self.options.direct_io, verify=self.options.verify
-            )
+            ckpt = open_checkpoint(path)
+            pool = SllmModelLoader.pool or HostMemoryPool()
+            load = StreamedLoad(ckpt, pool, threads=self.options.threads or DEFAULT_READ_THREADS,
+                                direct_io=self.options.direct_io, verify=self.options.verify)
             try:
-                names = model.load_weights(source_weights(loaded.checkpoint, loaded.state_dict))
+                names = model.load_weights(source_weights(ckpt, load.tensors()))
             finally:
-                loaded.release()
+                load.release()
+                if SllmModelLoader.pool is None:
+                    pool.clear()
             seconds = time.perf_counter() - started
             if names is not None and model_config.quantization is None:
                 try:
@@ -109,12 +122,14 @@ class SllmModelLoader(BaseModelLoader):
                         f"{path}: the checkpoint has no tensor for some of vLLM's parameters "
                         f"({str(exc).split(':', 1)[-1].strip()[:300]})"
                     ) from exc
-            r = loaded.report
+            r = load.report
             SllmModelLoader.last_report = r
-            logger.info(
-                "sllm: read %.2f GB in %.2f s (%.2f GB/s, %s), weights loaded in %.2f s",
-                r.nbytes / 1e9, r.read_seconds, r.gbps, "O_DIRECT" if r.direct_io else "buffered", seconds,
-            )
+            if r is not None:
+                logger.info(
+                    "sllm: %.2f GB read and loaded into the model in %.2f s (%.2f GB/s, %s%s)",
+                    r.nbytes / 1e9, seconds, r.nbytes / seconds / 1e9, "O_DIRECT" if r.direct_io else "buffered",
+                    ", from the host memory pool" if r.pool_hit else "",
+                )
 
 
 @contextlib.contextmanager

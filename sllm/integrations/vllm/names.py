@@ -19,7 +19,7 @@ already and are handed as they are. It imports neither vLLM nor anything outside
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 
@@ -59,16 +59,19 @@ def _unmerge(tensor: torch.Tensor, sources: list[str], ops: list[str]) -> list[t
     ]
 
 
-def source_weights(ckpt: Checkpoint, state_dict: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+def source_weights(
+    ckpt: Checkpoint, state_dict: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(source name, tensor view)`` for every tensor of the source checkpoint kept in ``ckpt``.
 
     Args:
         ckpt: the validated checkpoint metadata (its manifest's ``key_mapping`` is read).
         state_dict: stored name -> tensor, as :func:`sllm.core.loader.load_checkpoint` gives
-            it (views of the partition buffers; any device, any dtype).
+            it (views of the partition buffers; any device, any dtype), or ``(stored name,
+            tensor)`` pairs as they come (:class:`~sllm.integrations.vllm.stream.StreamedLoad`).
 
     Yields:
-        One pair per source tensor, in index order; tied names (manifest ``shared``) are
+        One pair per source tensor, in the order of ``state_dict``; tied names (manifest ``shared``) are
         yielded too, as the same tensor object, so a model that ties its weights and skips
         one half finds the other. No tensor is copied: each is ``state_dict``'s tensor or a
         ``select`` view of it.
@@ -79,7 +82,8 @@ def source_weights(ckpt: Checkpoint, state_dict: Mapping[str, torch.Tensor]) -> 
     """
     mapping = ckpt.manifest.key_mapping
     seen: set[str] = set()
-    for name, tensor in state_dict.items():
+    pairs_in = state_dict.items() if isinstance(state_dict, Mapping) else state_dict
+    for name, tensor in pairs_in:
         entry = mapping.tensors.get(name) if mapping is not None else None
         if entry is None:
             pairs = [(name, tensor)]
