@@ -19,6 +19,8 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+	# The vLLM integration's engine tests, when `make vllm-env` has built their environment.
+	if [ -f $(VLLM_STAMP) ]; then $(VLLM_PY) -m pytest -q tests/vllm; fi
 
 # schemathesis against a real `sllm serve` on a tiny model: fails on any 500 or schema violation.
 fuzz: $(STAMP)

@@ -45,6 +45,10 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
          "sllm convert ./llama ./llama.sllm --dtype bfloat16 --partitions 2 --force"),
         ("Print the result as JSON (sizes in bytes, time in seconds):",
          "sllm convert ./gpt2 ./gpt2.sllm --json"),
+        ("Serve the converted model with vLLM, its weights read by sllm's loader (the load format that "
+         "installing sllm beside vLLM registers; tier options go in --model-loader-extra-config as JSON: "
+         "cache_dir, remote, model, threads, direct_io, verify):",
+         "python -m vllm.entrypoints.openai.api_server --model ./qwen2.sllm --load-format sllm"),
     ],
     "load": [
         ("Load a converted model, checking every chunk's checksum:", "sllm load ./opt-1.3b.sllm --verify"),
