@@ -44,7 +44,7 @@ $(VLLM_STAMP): pyproject.toml tools/vllm_requirements.py
 	$(VLLM_PY) tools/vllm_requirements.py > $(VLLM_VENV)/vllm-requirements.txt
 	$(VLLM_PY) -m pip install -q -r $(VLLM_VENV)/vllm-requirements.txt
 	$(VLLM_PY) -m pip uninstall -q -y triton || true
-	$(VLLM_PY) -m pip install -q -e . pytest openai
+	$(VLLM_PY) -m pip install -q -e . pytest openai fastsafetensors runai-model-streamer
 	touch $(VLLM_STAMP)
 
 vllm-env: $(VLLM_STAMP)
