@@ -179,6 +179,11 @@ def serve(
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
     direct_io: DirectIoOpt = None,
+    backend: Annotated[
+        str,
+        typer.Option("--backend", help="What generates: sllm (its own engine) or vllm (vLLM's engine in this "
+                     "process, weights through --load-format sllm; needs vLLM installed)."),
+    ] = "sllm",
     log_level: Annotated[
         str, typer.Option("--log-level", help="stderr log level: debug, info (access log), warning, error.")
     ] = "warning",
@@ -243,6 +248,8 @@ def serve(
         raise UsageError(f"--models {models}: not a directory", hint="convert a model with `sllm convert SRC DIR/NAME`")
     if log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
         raise UsageError(f"--log-level {log_level!r}: choose debug, info, warning or error")
+    if backend not in ("sllm", "vllm"):
+        raise UsageError(f"--backend {backend!r}: choose sllm or vllm")
     from sllm.core.engine.config import EngineConfig  # no torch either
     from sllm.server.state import RequestLimits, ServeConfig  # no torch: the app and uvicorn come in _run
 
@@ -262,6 +269,7 @@ def serve(
         loader_threads=threads,
         direct_io=direct_io,
         cache=cache,
+        backend=backend,
         engine=EngineConfig(
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,

@@ -49,8 +49,13 @@ def load_blocking(
             load_weights = lambda: loader(path, config, pool)  # noqa: E731
         else:
             assert tiers is not None
-            path, load_weights = stack.enter_context(tiers.source(
-                fetched, device=config.device, pool=pool, threads=config.loader_threads, direct_io=config.direct_io))
+            if config.backend == "vllm":  # vLLM reads the SSD entry itself (--load-format sllm)
+                path = stack.enter_context(tiers.cache.ssd_lease(fetched.model, pull=True))
+                load_weights = lambda: loader(path, config, pool)  # noqa: E731
+            else:
+                path, load_weights = stack.enter_context(tiers.source(
+                    fetched, device=config.device, pool=pool, threads=config.loader_threads,
+                    direct_io=config.direct_io))
         import_model_code(path)
         box: dict[str, Any] = {}
 

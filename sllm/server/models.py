@@ -110,6 +110,10 @@ class ModelManager:
 
             self.tiers = NodeTiers(config.cache, self.pool)
         self.catalogue = Catalog(config.models_dir, self.tiers)
+        if config.backend == "vllm" and loader is None:  # vLLM's engine, weights through --load-format sllm
+            from sllm.integrations.vllm import backend
+
+            loader, release = backend.load, backend.release
         self._loader = loader or _default_loader
         self._release = release or _default_release
         self.entries: dict[str, Entry] = {}
@@ -432,6 +436,8 @@ class ModelManager:
         """The engine that generates with ``model`` (worker thread)."""
         from sllm.core.engine import Engine
 
+        if hasattr(model, "sllm_engine"):  # a backend's model brings its own (sllm.integrations.vllm.backend)
+            return model.sllm_engine(entry.model_id)
         try:
             return Engine(model, name=entry.model_id, config=self.config.engine)
         except BaseException:  # a model the engine cannot serve: give its weights back

@@ -84,6 +84,8 @@ class ServeConfig:
     direct_io: bool | None = None
     cache: CacheConfig | None = None
     engine: Any = None
+    #: What generates: "sllm" (sllm.core.engine) or "vllm" (sllm.integrations.vllm.backend).
+    backend: str = "sllm"
 
     def __post_init__(self) -> None:
         for flag, key in (("--api-key", self.api_key), ("--admin-key", self.admin_key)):

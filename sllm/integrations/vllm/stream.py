@@ -18,6 +18,8 @@ done with the views.
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -60,11 +62,41 @@ class StreamedLoad:
         """Yield ``(stored name, CPU tensor view)`` for every index entry, each once its bytes are in.
 
         Tensors of one partition come in offset order; aliases (tied weights) come together.
+        The reads run in a thread of their own, so they go on while the consumer works on
+        the tensors already handed over (the consumer's pace does not throttle them).
 
         Raises:
             CheckpointError subclasses from the reads (the message names the file);
             ChecksumMismatch with ``verify``; CacheError when the pool cannot hold a partition.
         """
+        items: queue.SimpleQueue[tuple[str, torch.Tensor] | BaseException | None] = queue.SimpleQueue()
+        stop = threading.Event()
+
+        def produce() -> None:
+            reads = self._read()
+            try:
+                for item in reads:
+                    if stop.is_set():
+                        break
+                    items.put(item)
+                items.put(None)
+            except BaseException as exc:  # handed to the consumer's thread
+                items.put(exc)
+            finally:
+                reads.close()
+
+        thread = threading.Thread(target=produce, name="sllm-vllm-read", daemon=True)
+        thread.start()
+        try:
+            while (item := items.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            thread.join()
+
+    def _read(self) -> Iterator[tuple[str, torch.Tensor]]:
         started = time.perf_counter()
         manifest = self.ckpt.manifest
         hits, directs = [], []
