@@ -59,28 +59,33 @@ def _complete(client, model):
     return client.completions.create(model=model, prompt="Hello, my name is", max_tokens=8, temperature=0)
 
 
-def test_vllm_backend_answers_like_sllm_backend(models_dir):
-    """Same greedy completion from the vLLM backend and sllm's own engine; chat; streaming."""
-    texts = {}
-    for backend in ("sllm", "vllm"):
-        proc, url = _serve("--models", str(models_dir), "--backend", backend)
-        try:
-            client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", timeout=REQUEST_TIMEOUT_S, max_retries=0)
-            texts[backend] = _complete(client, "llama-tiny").choices[0].text
-            if backend == "vllm":
-                streamed = "".join(c.choices[0].text for c in client.completions.create(
-                    model="llama-tiny", prompt="Hello, my name is", max_tokens=8, temperature=0, stream=True))
-                assert streamed == texts["vllm"]
-                chat = client.chat.completions.create(model="llama-tiny", max_tokens=5, temperature=0,
-                                                      messages=[{"role": "user", "content": "Hi"}])
-                assert chat.choices[0].finish_reason == "length" and chat.usage.completion_tokens == 5
-                parts = list(client.chat.completions.create(model="llama-tiny", max_tokens=5, temperature=0,
-                                                            messages=[{"role": "user", "content": "Hi"}], stream=True))
-                assert "".join(p.choices[0].delta.content or "" for p in parts if p.choices) == \
-                    chat.choices[0].message.content
-        finally:
-            _stop(proc)
-    assert texts["vllm"] == texts["sllm"] and texts["vllm"]
+def test_vllm_backend_answers_like_vllm_itself(models_dir, tiny_models, engine_result):
+    """The greedy completion is vLLM's own (``LLM.generate`` on the same checkpoint); chat; streaming.
+
+    (Not compared with sllm's engine: on random weights the logits are nearly flat, and
+    vLLM's CPU kernels and transformers' eager ones round differently, so the argmax parts
+    ways after a few tokens.)
+    """
+    from transformers import AutoTokenizer
+
+    want_ids = engine_result(tiny_models["llama"][1], "sllm")["tokens"][0][:8]  # engine_run.PROMPTS[0]
+    want = AutoTokenizer.from_pretrained(tiny_models["llama"][1]).decode(want_ids)
+    proc, url = _serve("--models", str(models_dir), "--backend", "vllm")
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", timeout=REQUEST_TIMEOUT_S, max_retries=0)
+        text = _complete(client, "llama-tiny").choices[0].text
+        assert text == want
+        streamed = "".join(c.choices[0].text for c in client.completions.create(
+            model="llama-tiny", prompt="Hello, my name is", max_tokens=8, temperature=0, stream=True))
+        assert streamed == text
+        chat = client.chat.completions.create(model="llama-tiny", max_tokens=5, temperature=0,
+                                              messages=[{"role": "user", "content": "Hi"}])
+        assert chat.choices[0].finish_reason == "length" and chat.usage.completion_tokens == 5
+        parts = list(client.chat.completions.create(model="llama-tiny", max_tokens=5, temperature=0,
+                                                    messages=[{"role": "user", "content": "Hi"}], stream=True))
+        assert "".join(p.choices[0].delta.content or "" for p in parts if p.choices) == chat.choices[0].message.content
+    finally:
+        _stop(proc)
 
 
 def test_vllm_backend_unloads_on_keep_alive_and_reloads(models_dir):

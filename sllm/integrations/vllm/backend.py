@@ -305,14 +305,18 @@ def load(path: Path, config: Any, pool: Any) -> VllmModel:
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.engine.llm_engine import LLMEngine
 
+    from sllm.core.format import open_checkpoint
     from sllm.integrations.vllm import register
     from sllm.integrations.vllm.loader import SllmModelLoader
 
     register()
     SllmModelLoader.pool = pool
     extra = {k: v for k, v in (("threads", config.loader_threads), ("direct_io", config.direct_io)) if v is not None}
+    # The checkpoint's dtype, as sllm's engine runs it ("auto" lets vLLM's CPU build pick bfloat16 for float32).
+    stored = open_checkpoint(path).manifest.dtype
+    dtype = stored if stored in ("float32", "float16", "bfloat16") else "auto"
     args = EngineArgs(model=str(path), load_format="sllm", model_loader_extra_config=extra, enforce_eager=True,
-                      dtype="auto", seed=0, disable_log_stats=True)
+                      dtype=dtype, seed=0, disable_log_stats=True)
     llm_engine = LLMEngine.from_engine_args(args)
     return VllmModel(Path(path), llm_engine, int(llm_engine.model_config.max_model_len))
 
