@@ -162,6 +162,33 @@ class VllmEngine:
             self._cond.notify()
         return gen
 
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes of vLLM's KV cache blocks (what the node's memory budget counts beside the weights)."""
+        cache = self.llm_engine.vllm_config.cache_config
+        return int(cache.num_gpu_blocks or 0) * self._bytes_per_block()
+
+    def _bytes_per_block(self) -> int:
+        mc = self.llm_engine.model_config
+        cache = self.llm_engine.vllm_config.cache_config
+        layers = mc.get_num_layers(self.llm_engine.vllm_config.parallel_config)
+        heads = mc.get_num_kv_heads(self.llm_engine.vllm_config.parallel_config)
+        itemsize = mc.dtype.itemsize if hasattr(mc.dtype, "itemsize") else 4
+        return 2 * layers * heads * mc.get_head_size() * int(cache.block_size) * itemsize
+
+    def kv_stats(self) -> Any:
+        """``/status``'s KV figures: vLLM's block count and size; vLLM does not expose per-block
+        use here, so used_blocks counts nothing and running/waiting are this engine's requests."""
+        from sllm.core.engine.kv import KVStats
+
+        cache = self.llm_engine.vllm_config.cache_config
+        per, total = self._bytes_per_block(), int(cache.num_gpu_blocks or 0)
+        with self._cond:
+            running, waiting = len(self._active), len(self._new)
+        return KVStats(block_size=int(cache.block_size), total_blocks=total, used_blocks=0, bytes_per_block=per,
+                       total_bytes=total * per, used_bytes=0, free_bytes=total * per, running=running,
+                       waiting=waiting, preemptions=0)
+
     def active(self) -> list[RequestState]:
         """Snapshots of the unfinished requests."""
         with self._cond:
