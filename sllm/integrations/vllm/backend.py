@@ -13,7 +13,7 @@ request_id=, listener=)`` returning a generation (``cancel()``, ``finish_reason`
 A thread steps the vLLM engine (continuous batching, paged KV cache: vLLM's). What it does
 not do: resume a generation from its token list with the same random draws (sllm's
 seeded-sampling-exact migration; vLLM's seeds are its own), per-request ``prompt_len``
-resumption, or count vLLM's KV cache in the node's memory budget (only the weights).
+resumption, or per-block KV use in ``/status`` (its KV cache's size does count in the budget).
 It imports vLLM when :func:`load` runs.
 """
 
