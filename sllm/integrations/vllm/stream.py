@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 import torch
 
 from sllm.core.format import Checkpoint
-from sllm.core.loader import LoadReport, partition_tag, tensor_views
+from sllm.core.loader import LoadReport
+from sllm.core.partitions import partition_tag, tensor_views
 from sllm.core.pool import HostMemoryPool
 from sllm.errors import ChecksumMismatch
 from sllm.io.hostmem import HostBuffer
