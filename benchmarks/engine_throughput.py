@@ -40,11 +40,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -119,19 +117,9 @@ def _ms(x: float | None) -> float | None:
 
 
 def start_server(models: Path, device: str, flags: list[str]) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "sllm", "serve", "--models", str(models), "--port", "0", "--json",
-           "--device", device, "--keep-alive", "3600", *flags]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    timer = threading.Timer(STARTUP_SECONDS, proc.kill)
-    timer.start()
-    try:
-        line = proc.stdout.readline() if proc.stdout else ""
-    finally:
-        timer.cancel()
-    if not line:
-        proc.kill()
-        raise RuntimeError(f"sllm serve {' '.join(flags)} did not start (exit status {proc.wait()})")
-    return proc, json.loads(line)["url"]
+    from sllm.demo import start_server as start
+
+    return start(models, device, keep_alive=3600, startup_seconds=STARTUP_SECONDS, flags=flags)
 
 
 def stop_server(proc: subprocess.Popen) -> None:

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 MODEL_ID = "demo-gpt2"
@@ -64,14 +65,15 @@ def show_load(model_dir: Path, device: str) -> None:
 
 
 def start_server(
-    models: Path, device: str, *, keep_alive: float = 600, startup_seconds: float = STARTUP_SECONDS
+    models: Path, device: str, *, keep_alive: float = 600, startup_seconds: float = STARTUP_SECONDS,
+    flags: Sequence[str] = (),
 ) -> tuple[subprocess.Popen, str]:
-    """``sllm serve --port 0 --json`` in a subprocess; returns it and its URL.
+    """``sllm serve --port 0 --json [flags]`` in a subprocess; returns it and its URL.
 
     Kills it and raises RuntimeError if it has not printed its URL after ``startup_seconds``.
     """
     cmd = [sys.executable, "-m", "sllm", "serve", "--models", str(models), "--port", "0", "--json",
-           "--device", device, "--keep-alive", str(keep_alive)]  # fmt: skip
+           "--device", device, "--keep-alive", str(keep_alive), *flags]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     timer = threading.Timer(startup_seconds, proc.kill)
     timer.start()
