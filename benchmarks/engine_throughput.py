@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -48,6 +47,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+from serve_cold_start import stop_server  # noqa: E402 - SIGTERM, then kill after a wait
+
 STARTUP_SECONDS = 600  # hang guards, not measurements
 VARIANTS = {
     "sllm serve": [],
@@ -120,15 +122,6 @@ def start_server(models: Path, device: str, flags: list[str]) -> tuple[subproces
     from sllm.demo import start_server as start
 
     return start(models, device, keep_alive=3600, startup_seconds=STARTUP_SECONDS, flags=flags)
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 async def _stream(client: Any, model_id: str, prompt: list[int], max_tokens: int, sampling: dict) -> dict[str, Any]:
