@@ -38,10 +38,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from sllm.errors import UsageError
 from sllm.server import schemas
 from sllm.server.cache_api import add_cache_routes, error_body_for
+from sllm.server.catalog import check_model_name
 from sllm.server.frontdoor import FrontDoor
 from sllm.server.gate import LOAD_HEADER, Gate
 from sllm.server.models import ModelLoadFailed, ModelManager, ModelNotFound, NotInTier, ServeConfig, TierConflict
-from sllm.server.requests import END_GRACE_SECONDS, Requests, _unavailable
+from sllm.server.requests import END_GRACE_SECONDS, Requests, unavailable
 
 __all__ = ["LOAD_HEADER", "NodeServer", "create_app"]
 
@@ -158,7 +159,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ModelLoadFailed)
     async def _load_failed(request: Request, exc: ModelLoadFailed) -> JSONResponse:
-        return _unavailable(exc, 0.0)
+        return unavailable(exc, 0.0)
 
     @app.exception_handler(TierConflict)
     async def _conflict(request: Request, exc: TierConflict) -> JSONResponse:
@@ -206,8 +207,6 @@ def _add_routes(app: FastAPI, manager: ModelManager, requests: Requests) -> None
         **guarded, 400: {"description": "a bad model name", "model": schemas.ErrorResponse},
         404: {"description": "unknown model", "model": schemas.ErrorResponse}})
     async def model(model_id: str) -> dict[str, Any]:
-        from sllm.server.catalog import check_model_name
-
         if not check_model_name(model_id):
             raise manager.not_found(model_id)
         for m in await manager.catalog():

@@ -81,7 +81,7 @@ class Requests:
         try:
             lease = await self.manager.acquire(body.model)
         except (ModelLoadFailed, ShuttingDown) as exc:
-            return _unavailable(exc, time.monotonic() - t0)
+            return unavailable(exc, time.monotonic() - t0)
         run = Completion(self, lease, body, chat)
         try:
             await run.start()
@@ -165,7 +165,7 @@ def admit(body: Any, chat: bool, limits: RequestLimits) -> None:
         raise UsageError(f"stop: sequences of at most {limits.max_stop_chars} characters")
 
 
-def _unavailable(exc: ModelLoadFailed | ShuttingDown, waited: float) -> JSONResponse:
+def unavailable(exc: ModelLoadFailed | ShuttingDown, waited: float) -> JSONResponse:
     """A 503 for a load that failed, a pull that failed, or a node that drains."""
     if isinstance(exc, ShuttingDown):
         code = "shutting_down"
