@@ -41,6 +41,7 @@ from sllm.server.cache_api import add_cache_routes, error_body_for
 from sllm.server.catalog import check_model_name
 from sllm.server.frontdoor import FrontDoor
 from sllm.server.gate import LOAD_HEADER, Gate
+from sllm.server.migration_api import Migrations, add_migration_routes
 from sllm.server.models import ModelLoadFailed, ModelManager, ModelNotFound, NotInTier, ServeConfig, TierConflict
 from sllm.server.requests import END_GRACE_SECONDS, Requests, unavailable
 
@@ -64,6 +65,7 @@ def create_app(
     """
     manager = manager or ModelManager(config, clock=clock)
     requests = Requests(manager, config.limits, front_door=front_door)
+    migrations = Migrations(manager, requests, name=front_door.name if front_door is not None else "")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -72,6 +74,7 @@ def create_app(
             yield
         finally:
             requests.close()
+            await migrations.close()
             if front_door is not None:
                 await front_door.close()
             await manager.close()
@@ -79,11 +82,13 @@ def create_app(
     app = FastAPI(title="sllm node", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.manager = manager
     app.state.requests = requests
+    app.state.migrations = migrations
     app.add_middleware(Gate, api_key=config.api_key, admin_key=config.admin_key,
                        max_body_bytes=config.limits.max_body_bytes)  # fmt: skip
     _add_error_handlers(app)
-    _add_routes(app, manager, requests)
+    _add_routes(app, manager, requests, migrations)
     add_cache_routes(app, manager, _error)
+    add_migration_routes(app, migrations, _error)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
@@ -187,7 +192,7 @@ _COMPLETION_RESPONSES: dict[int | str, Any] = {
 }
 
 
-def _add_routes(app: FastAPI, manager: ModelManager, requests: Requests) -> None:
+def _add_routes(app: FastAPI, manager: ModelManager, requests: Requests, migrations: Migrations) -> None:
     guarded: dict[int | str, Any] = {401: {"description": "missing or wrong key", "model": schemas.ErrorResponse}}
 
     @app.get("/health")
@@ -196,7 +201,7 @@ def _add_routes(app: FastAPI, manager: ModelManager, requests: Requests) -> None
 
     @app.get("/status", responses=guarded)
     async def status() -> dict[str, Any]:
-        return await manager.status()
+        return {**await manager.status(), "migrations": migrations.status()}
 
     @app.get("/v1/models", responses=guarded)
     async def models() -> dict[str, Any]:

@@ -196,10 +196,18 @@ class Completion:
         self.ended: str | None = None  # why the node ended it (shutdown), for the error event
         self.gone = False  # the client went away
         self.prompt_tokens = 0
-        self.gen: Any = None
+        self.gen: Any = None  # what generates the tokens: the local engine's Generation, or after a
+        # migration's handover a RemoteGeneration (migration_out.py)
+        self.tokens: list[int] = []  # prompt + every token passed to the stream: positions decide
+        self.params: SamplingParams | None = None  # with the seed resolved (what a resume continues)
+        self.migrating: str | None = None  # the id of the migration moving it now
+        self.handover_gap: float | None = None  # seconds between the last token here and the first relayed
+        self._lease: Lease | None = lease
         self._queue: asyncio.Queue[int | None] = asyncio.Queue()
         self._submitted = 0.0
         self._first_at: float | None = None
+        self._last_at: float | None = None
+        self._handed_at: float | None = None
 
     # -- 3. tokenize, 4. generate ---------------------------------------------------------
 
@@ -230,30 +238,123 @@ class Completion:
         )
         self.text = TextStream(res.tokenizer, body.stop)
         self.prompt_tokens = len(prompt)
-        loop = asyncio.get_running_loop()
-
-        def listener(gen: Any, token: int | None) -> None:  # engine thread
-            loop.call_soon_threadsafe(self._on_token, token)
-
+        self.tokens = list(prompt)
         self.requests.inflight.add(self)
         self._submitted = time.monotonic()
         try:
-            self.gen = res.engine.submit(prompt, params, request_id=self.id, listener=listener)
+            self._submit_local(res.engine, params)
         except BaseException:
             self.requests.inflight.discard(self)
             raise
+        self.params = self.gen.params
 
-    def _on_token(self, token: int | None) -> None:  # event loop
+    def _submit_local(self, engine: Any, params: SamplingParams) -> None:
+        """Submit ``self.tokens`` to this node's engine (a new request, or a resumed one)."""
+        loop = asyncio.get_running_loop()
+
+        def listener(gen: Any, token: int | None) -> None:  # engine thread
+            pos = len(gen.tokens) - 1
+            loop.call_soon_threadsafe(self.deliver, gen, pos, token)
+
+        self.gen = engine.submit(self.tokens, params, prompt_len=self.prompt_tokens, request_id=self.id,
+                                 listener=listener)
+
+    def deliver(self, source: Any, pos: int | None, token: int | None) -> None:  # event loop
+        """Take token ``token`` at position ``pos`` of the token list (None, None: the end)
+        from ``source``. Only the current source is heard, and only at the next position:
+        a token already passed on is dropped, so each token reaches the client once."""
+        if source is not self.gen:
+            return  # a source this request left (the local copy after a handover)
         now = time.monotonic()
-        if token is not None and self._first_at is None:  # prefill done: a sample of the node's prefill fit
-            self._first_at = now
-            self.manager.timings.record_prefill(self.model, self.prompt_tokens, now - self._submitted)
+        if token is not None:
+            if pos != len(self.tokens):
+                if pos is not None and pos < len(self.tokens):
+                    return
+                log.error("request %s: token at position %s, expected %d; ending it", self.id, pos, len(self.tokens))
+                self.fail(f"a token was lost in a migration (position {pos}, expected {len(self.tokens)})")
+                return
+            self.tokens.append(token)
+            if self._first_at is None:  # prefill done: a sample of the node's prefill fit
+                self._first_at = now
+                self.manager.timings.record_prefill(self.model, self.prompt_tokens, now - self._submitted)
+            if self._handed_at is not None and self.handover_gap is None:
+                self.handover_gap = now - (self._last_at or self._handed_at)
+            self._last_at = now
         self._queue.put_nowait(token)
         if token is None:  # 6. release
-            if self._first_at is not None and self.gen is not None:
-                self.manager.timings.record_completion(len(self.gen.generated), now - self._first_at)
-            self.manager.release(self.lease)
+            if self._first_at is not None and self._handed_at is None:
+                self.manager.timings.record_completion(len(self.tokens) - self.prompt_tokens, now - self._first_at)
+            self._release_lease()
             self.requests.inflight.discard(self)
+
+    def _release_lease(self) -> None:
+        if self._lease is not None:
+            self.manager.release(self._lease)
+            self._lease = None
+
+    # -- live migration (migration_out.py drives these) -----------------------------------
+
+    @property
+    def migratable(self) -> bool:
+        """Decoding on this node's engine and not being migrated already."""
+        return (self.gen is not None and self._lease is not None and self._handed_at is None
+                and self.migrating is None and not self.gen.done)
+
+    @property
+    def finished(self) -> bool:
+        return self.gen is None or self.gen.done
+
+    def pause(self) -> int:
+        """Hold the local generation (blocking up to one engine step; call in a thread)."""
+        return self._lease.resident.engine.hold(self.gen)
+
+    def unpause(self) -> None:
+        if self._lease is not None:
+            self._lease.resident.engine.release(self.gen)
+
+    def kv_bytes(self) -> int:
+        """Bytes of KV cache this request's tokens take on this node's engine."""
+        engine = self._lease.resident.engine
+        return len(self.tokens) * engine.bytes_per_block // engine.config.block_size
+
+    def hand_over(self, remote: Any) -> None:
+        """The handover: ``remote`` generates from now on; the local copy is dropped (KV
+        freed) and the lease given back. Tokens the local copy streamed and that are still
+        queued keep their places: the remote's start at the next position."""
+        local, self.gen = self.gen, remote
+        self._handed_at = time.monotonic()
+        gone = local.done  # cancelled while paused (the client left)
+        local.cancel()
+        self._release_lease()
+        if gone:
+            remote.cancel()
+            self.deliver(remote, None, None)
+            return
+        remote.attach(self)
+
+    async def resume_local(self) -> None:
+        """After the handover, the destination failed: lease the model here again (loading
+        it if it went) and continue from the token list.
+
+        Raises:
+            ModelLoadFailed, ShuttingDown, UsageError: it cannot run here.
+        """
+        lease = await self.manager.acquire(self.model)
+        self._lease = lease
+        self._handed_at = None
+        log.info("request %s: resuming here from %d tokens", self.id, len(self.tokens))
+        assert self.params is not None
+        self._submit_local(lease.resident.engine, self.params)
+
+    def fail(self, why: str) -> None:
+        """End the stream with ``why`` as its error."""
+        self.ended = why
+        gen, self.gen = self.gen, None
+        if gen is not None:
+            gen.cancel()
+        self._queue.put_nowait(None)
+        self._release_lease()
+        self.requests.inflight.discard(self)
 
     # -- 5. stream ------------------------------------------------------------------------
 
@@ -275,6 +376,8 @@ class Completion:
                 yield delta
                 return
             yield delta
+        if self.gen is None:  # failed (fail())
+            raise ServerError(self.ended or "generation failed")
         if self.gen.finish_reason == "error":
             raise ServerError(f"generation failed: {type(self.gen.error).__name__}: {self.gen.error}")
         if self.gen.finish_reason == "cancelled" and not self.gone:

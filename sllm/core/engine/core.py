@@ -98,6 +98,7 @@ class Generation:
         self._queue: queue.SimpleQueue[int | None] | None = queue.SimpleQueue() if listener is None else None
         self._cancelled = threading.Event()
         self._done = threading.Event()
+        self._caught_up = threading.Event()  # held, and every token but the last is in the cache
 
     @property
     def generated(self) -> list[int]:
@@ -123,6 +124,11 @@ class Generation:
     def wait(self, timeout: float | None = None) -> bool:
         """Block until finished (True) or ``timeout`` seconds pass (False)."""
         return self._done.wait(timeout)
+
+    def wait_caught_up(self, timeout: float | None = None) -> bool:
+        """Block until this held request has every token but the last in its KV cache, or
+        has finished (True), or ``timeout`` seconds pass (False). See :meth:`Engine.hold`."""
+        return self._caught_up.wait(timeout)
 
     def state(self) -> GenerationState:
         return GenerationState(self.id, self.prompt_len, self.step)
@@ -226,6 +232,7 @@ class Engine:
         prompt_len: int | None = None,
         request_id: str | None = None,
         listener: Listener | None = None,
+        hold: bool = False,
     ) -> Generation:
         """Queue (or resume) a generation from ``tokens``; it starts when the scheduler admits it.
 
@@ -238,6 +245,8 @@ class Engine:
             request_id: default "gen-<n>"; must not be one of this engine's unfinished requests.
             listener: ``listener(gen, token)`` on the engine thread after each token, then
                 ``listener(gen, None)`` once when finished. Without one, iterate the result.
+            hold: prefill but sample nothing until :meth:`release` (a live migration's
+                destination copy, :meth:`hold`).
 
         Raises:
             UsageError: empty ``tokens``, a bad ``prompt_len``, bad params, a token list that
@@ -273,7 +282,9 @@ class Engine:
                 gen._done.set()
             else:
                 self._gens[gen.id] = gen
-                self._sched.add(SeqState(gen.id, len(tokens)))
+                self._sched.add(SeqState(gen.id, len(tokens), held=hold))
+                if hold and len(tokens) == 1:
+                    gen._caught_up.set()
                 self._cond.notify()
         if gen.done:
             gen._emit(None)
@@ -287,6 +298,68 @@ class Engine:
                 self.step()
         list(gen)
         return gen.generated
+
+    # -- live migration: hold, extend, release (DESIGN.md "Live migration") ----------------
+
+    def hold(self, gen: Generation) -> int:
+        """Stop sampling ``gen`` and return its token count, final until :meth:`release`.
+
+        Waits for a step in progress (at most one step), so no token is appended after this
+        returns; the request keeps its KV blocks (and may still prefill). Call it from any
+        thread but the engine's (a listener must not).
+
+        Raises:
+            UsageError: ``gen`` is not an unfinished request of this engine.
+        """
+        with self._cond:
+            self._seq(gen).held = True
+        with self._step_lock:  # a step planned before the hold has finished
+            pass
+        with self._cond:
+            return len(gen.tokens)
+
+    def extend(self, gen: Generation, tokens: Sequence[int], *, release: bool = False) -> None:
+        """Append ``tokens`` to a held request's token list (a live migration's next delta);
+        their prefill is scheduled. With ``release``, also :meth:`release` it in the same
+        step: the step that prefills the delta samples the next token.
+
+        Raises:
+            UsageError: ``gen`` is not a held, unfinished request of this engine, or the
+                tokens would fill the model's context or exceed ``max_tokens``.
+        """
+        tokens = [int(t) for t in tokens]
+        with self._cond:
+            seq = self._seq(gen)
+            if not seq.held:
+                raise UsageError(f"request {gen.id!r} is not held: only a held request is extended")
+            total = len(gen.tokens) + len(tokens)
+            if self.max_context is not None and total >= self.max_context:
+                raise UsageError(f"{total} tokens: the model's context is {self.max_context} tokens")
+            if total - gen.prompt_len >= gen.params.max_tokens:
+                raise UsageError(f"request {gen.id!r}: {total - gen.prompt_len} generated tokens leave nothing of "
+                                 f"its max_tokens {gen.params.max_tokens} to generate")
+            if tokens:
+                gen.tokens.extend(tokens)
+                seq.num_tokens += len(tokens)
+                gen._caught_up.clear()
+            if release:
+                seq.held = False
+            elif not seq.remaining:
+                gen._caught_up.set()
+            self._cond.notify()
+
+    def release(self, gen: Generation) -> None:
+        """Let a held request sample again (the migration's handover on the destination, or
+        an aborted migration on the source). Idempotent; a finished request is ignored."""
+        with self._cond:
+            if self._gens.get(gen.id) is gen:
+                self._sched.get(gen.id).held = False
+                self._cond.notify()
+
+    def _seq(self, gen: Generation) -> SeqState:
+        if self._gens.get(gen.id) is not gen:
+            raise UsageError(f"request {gen.id!r} is not running on engine {self.name!r}")
+        return self._sched.get(gen.id)
 
     def active(self) -> list[GenerationState]:
         """Snapshots of the unfinished requests (running and queued), in submission order."""
@@ -330,9 +403,12 @@ class Engine:
             with self._cond:
                 for gen, c in work:
                     if c.id in self._sched and self._gens.get(c.id) is gen:  # not cancelled meanwhile
-                        self._sched.advance(c.id, c.num_tokens, 0)
+                        seq = self._sched.get(c.id)
+                        seq.num_computed += c.num_tokens
                         if c.samples:
                             picks.append((gen, row))
+                        elif seq.held and not seq.remaining:
+                            gen._caught_up.set()
                     row += c.samples
             try:
                 tokens = sample_rows(logits[[i for _, i in picks]], [g.params for g, _ in picks],
@@ -387,6 +463,7 @@ class Engine:
                 continue
             gen.finish_reason = reason
             gen._done.set()
+            gen._caught_up.set()
             gen._emit(None)
 
     def close(self) -> None:

@@ -101,17 +101,27 @@ class SeqState:
         num_tokens: prompt + generated tokens so far.
         num_computed: leading tokens whose keys and values are in the cache.
         arrival: admission priority (lower first); set by :meth:`Scheduler.add`.
+        held: sample nothing: the request's tokens but the last are prefilled and it then
+            waits, keeping its KV, until released (live migration: the destination's copy
+            before the handover, the source's requests during it).
     """
 
     id: str
     num_tokens: int
     num_computed: int = 0
     arrival: int = -1
+    held: bool = False
+
+    @property
+    def target(self) -> int:
+        """Tokens to have in the cache before this request's next step: all of them, or
+        all but the last while held (that one runs with the step that samples)."""
+        return self.num_tokens - 1 if self.held else self.num_tokens
 
     @property
     def remaining(self) -> int:
-        """Tokens to run before the next token can be sampled."""
-        return self.num_tokens - self.num_computed
+        """Tokens to run before the next token can be sampled (or, held, before it is caught up)."""
+        return max(0, self.target - self.num_computed)
 
 
 @dataclass(frozen=True)
@@ -231,7 +241,7 @@ class Scheduler:
         for seq in sorted(self.running, key=lambda s: (s.remaining > 1, s.arrival)):
             if budget == 0:
                 break
-            if seq not in self.running:  # preempted for an earlier one in this loop
+            if seq not in self.running or not seq.remaining:  # preempted in this loop, or held and caught up
                 continue
             n = min(seq.remaining, budget)
             while not self.blocks.grow(seq.id, seq.num_computed + n):
@@ -243,7 +253,7 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                planned[seq.id] = Chunk(seq.id, seq.num_computed, n, seq.num_computed + n == seq.num_tokens)
+                planned[seq.id] = Chunk(seq.id, seq.num_computed, n, not seq.held and seq.num_computed + n == seq.num_tokens)
                 budget -= n
         admitted: list[str] = []
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -253,7 +263,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.running.append(seq)
-            planned[seq.id] = Chunk(seq.id, 0, n, n == seq.num_tokens)
+            if n:  # (a held request of one token has nothing to run yet)
+                planned[seq.id] = Chunk(seq.id, 0, n, not seq.held and n == seq.num_tokens)
             admitted.append(seq.id)
             budget -= n
         return StepPlan(tuple(planned.values()), tuple(preempted), tuple(admitted))
