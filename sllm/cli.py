@@ -10,7 +10,7 @@ from __future__ import annotations
 import typer
 
 from sllm import __version__
-from sllm.commands import cache, convert, inventory, load, load_bench, schedule_plan, serve
+from sllm.commands import cache, convert, inventory, load, load_bench, migrate, schedule_plan, serve
 
 app = typer.Typer(
     name="sllm",
@@ -42,6 +42,7 @@ app.command("convert")(convert.convert)
 app.command("load")(load.load)
 app.command("load-bench")(load_bench.load_bench)
 app.command("serve")(serve.serve)
+app.command("migrate")(migrate.migrate)
 app.command("schedule-plan")(schedule_plan.schedule_plan)
 app.add_typer(cache.app, name="cache")
 app.add_typer(inventory.app, name="inventory")

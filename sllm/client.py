@@ -120,6 +120,34 @@ class NodeClient:
         path = f"/v1/cache/{urllib.parse.quote(model, safe='/')}/{action}"
         return self._request("POST", path, params={"tier": tier} if tier else None).json()
 
+    def migrate(self, model: str, destination: str, *, destination_api_key: str | None = None,
+                request_ids: list[str] | None = None, delta: int | None = None,
+                max_rounds: int | None = None) -> dict[str, Any]:
+        """Live-migrate this node's requests of ``model`` to the node at ``destination``
+        (``POST /v1/migrations``; this node needs its admin key); the migration's record:
+        rounds (tokens, seconds), ``longest_pause_seconds``, ``total_seconds``, ``outcome``.
+
+        Raises:
+            MigrationError: aborted (the requests decode on here; the message says why),
+                or nothing to migrate. ServerError: the node could not be reached.
+        """
+        from sllm.errors import MigrationError
+
+        body: dict[str, Any] = {"model": model, "destination": destination}
+        for k, v in (("destination_api_key", destination_api_key), ("request_ids", request_ids), ("delta", delta),
+                     ("max_rounds", max_rounds)):
+            if v is not None:
+                body[k] = v
+        try:
+            r = self._http.post("/v1/migrations", json=body, timeout=None)
+        except httpx.HTTPError as exc:
+            raise ServerError(f"cannot reach {self.url}: {type(exc).__name__}: {exc}") from exc
+        if r.status_code in (404, 502):
+            raise MigrationError(_message(r))
+        if r.status_code >= 400:
+            raise ServerError(_message(r))
+        return r.json()
+
     def complete(self, model: str, prompt: str | list[int], **params: Any) -> dict[str, Any]:
         """A whole completion: the OpenAI response body plus ``load_seconds``.
 
@@ -180,3 +208,15 @@ def _message(r: httpx.Response) -> str:
     except (ValueError, KeyError, TypeError):
         detail = r.text[:200] or r.reason_phrase
     return f"{r.request.url}: HTTP {r.status_code}: {detail}"
+
+
+class HttpMigrator:
+    """The scheduler's :class:`~sllm.core.scheduler.Migrator` over the nodes' APIs: asks the
+    source node to migrate (``POST /v1/migrations``), with the destination's URL and key
+    from the inventory. ``schedule-plan --apply`` and front doors register it."""
+
+    def migrate(self, model: str, source: Any, destination: Any, request_ids: Any) -> None:
+        """Raises: MigrationError (the source keeps the requests), ServerError (unreachable)."""
+        with NodeClient(source.url, api_key=source.api_key()) as c:
+            c.migrate(model, destination.url, destination_api_key=destination.api_key(),
+                      request_ids=list(request_ids) or None)

@@ -98,6 +98,11 @@ class MigrationLog:
         if self.active.pop(rec.id + rec.role, None) is not None:
             self.recent.append(rec)
 
+    def find(self, mid: str, role: str = "out") -> MigrationRecord | None:
+        """The record of migration ``mid`` (active or recent), or None."""
+        rec = self.active.get(mid + role)
+        return rec or next((r for r in self.recent if r.id == mid and r.role == role), None)
+
     def status(self) -> dict[str, Any]:
         return {"counts": dict(self.counts), "active": [asdict(r) for r in self.active.values()],
                 "recent": [asdict(r) for r in reversed(self.recent)]}

@@ -15,6 +15,7 @@ the model, or the node drains. The admin key guards them (``gate.py``).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from typing import Annotated, Any
@@ -29,7 +30,7 @@ from sllm.errors import MigrationError
 from sllm.server import schemas
 from sllm.server.migration import MigrationLog, Peer
 from sllm.server.migration_in import IncomingMigrations, UnknownMigration
-from sllm.server.migration_out import migrate_out
+from sllm.server.migration_out import migrate_out, new_migration_id
 from sllm.server.models import ModelManager
 
 log = logging.getLogger("sllm.server")
@@ -106,6 +107,7 @@ class Migrations:
         self.manager, self.requests, self.name = manager, requests, name
         self.log = MigrationLog()
         self.incoming = IncomingMigrations(manager, self.log)
+        self.outgoing: dict[str, asyncio.Task] = {}
         self._client: httpx.AsyncClient | None = None
 
     def client(self) -> httpx.AsyncClient:
@@ -130,9 +132,33 @@ class Migrations:
         if not runs:
             raise NoSuchRequests(f"no request of {body.model!r} is decoding on this node")
         peer = Peer(body.destination, body.destination_api_key, self.client())
-        rec = await migrate_out(runs, peer, self.log, model=body.model, source=self.name, delta=body.delta,
-                                max_rounds=body.max_rounds)
+        mid = new_migration_id()
+        task = asyncio.ensure_future(migrate_out(runs, peer, self.log, model=body.model, source=self.name,
+                                                 delta=body.delta, max_rounds=body.max_rounds, migration_id=mid))
+        self.outgoing[mid] = task
+        try:
+            rec = await asyncio.shield(task)
+        except (asyncio.CancelledError, MigrationError) as exc:
+            if isinstance(exc, asyncio.CancelledError) and not task.cancelled():
+                raise
+            found = self.log.find(mid)
+            err = MigrationError(found.error if found is not None and found.error else "aborted")
+            err.record = dataclasses.asdict(found) if found is not None else None  # type: ignore[attr-defined]
+            raise err from None
+        finally:
+            if task.done():
+                self.outgoing.pop(mid, None)
         return dataclasses.asdict(rec)
+
+    def abort(self, mid: str) -> bool:
+        """Abort an outgoing migration before its handover (its requests decode on here);
+        False when none of that id is in progress (or it has handed over already)."""
+        task = self.outgoing.get(mid)
+        rec = self.log.active.get(mid + "out")
+        if task is None or task.done() or rec is None or rec.phase in ("done",) or rec.outcome is not None:
+            return False
+        task.cancel()
+        return True
 
     def status(self) -> dict[str, Any]:
         return self.log.status()
@@ -168,9 +194,15 @@ def add_migration_routes(app: FastAPI, service: Migrations, error: Any) -> None:
             return error(404, str(exc), param="request_ids", code="not_found")
         except MigrationError as exc:
             out = schemas.error_body(str(exc), "server_error", code="migration_aborted")
-            rec = next((r for r in service.log.recent if r.role == "out" and r.error == str(exc)), None)
-            out["migration"] = dataclasses.asdict(rec) if rec is not None else None
+            out["migration"] = getattr(exc, "record", None)
             return JSONResponse(out, status_code=502)
+
+    @app.delete("/v1/migrations/{mid}", responses=answers)
+    async def abort_out(mid: str) -> Any:
+        if not service.abort(mid):
+            return error(404, f"migration {mid!r}: no outgoing migration of that id before its handover here",
+                         code="not_found")
+        return {"id": mid, "aborted": True}
 
     @app.post("/v1/migrations/incoming", responses=answers)
     async def prepare(body: PrepareRequest) -> Any:

@@ -181,11 +181,13 @@ async def migrate_out(
     source: str,
     delta: int = DEFAULT_DELTA,
     max_rounds: int = DEFAULT_MAX_ROUNDS,
+    migration_id: str | None = None,
 ) -> MigrationRecord:
     """Migrate ``runs`` (this node's Completions of ``model``, decoding locally) to ``peer``.
 
     Returns the record (rounds with tokens and seconds, the longest pause a stream saw,
-    the total time, bytes sent against the KV bytes they replace).
+    the total time, bytes sent against the KV bytes they replace). Cancelling the task
+    before the handover aborts the migration the same way as a failure.
 
     Raises:
         MigrationError: the migration was aborted (every request decodes on here; the
@@ -194,7 +196,7 @@ async def migrate_out(
     runs = [c for c in runs if c.migratable]
     if not runs:
         raise UsageError(f"no request of {model!r} is decoding on this node")
-    mid = "mig-" + secrets.token_hex(8)
+    mid = migration_id or new_migration_id()
     sm = SourceMigration(mid, model, delta, max_rounds)
     rec = log_.start(MigrationRecord(mid, "out", model, peer.url, [c.id for c in runs]))
     relay = Relay(peer, mid, rec, log_)
@@ -230,7 +232,10 @@ async def migrate_out(
             if final:
                 break
     except BaseException as exc:
-        why = str(exc) if isinstance(exc, MigrationError) else f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, asyncio.CancelledError):
+            why = "aborted on the source"
+        else:
+            why = str(exc) if isinstance(exc, MigrationError) else f"{type(exc).__name__}: {exc}"
         sm.abort(why)
         for c in paused:
             c.unpause()
@@ -260,6 +265,10 @@ async def migrate_out(
     rec.longest_pause_seconds = max(pauses) if pauses else None
     rec.total_seconds = time.monotonic() - t0
     return rec
+
+
+def new_migration_id() -> str:
+    return "mig-" + secrets.token_hex(8)
 
 
 def _hold(runs: list[Any]) -> list[Any]:
