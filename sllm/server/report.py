@@ -118,6 +118,7 @@ async def status(m: ModelManager) -> dict[str, Any]:
                 "load_seconds": r.load_seconds,
                 "resident_seconds": now - r.loaded_at,
                 "idle_seconds": 0.0 if r.leases else now - r.last_used,
+                "leases": r.leases,
                 "requests": [
                     {"id": g.id, "prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens}
                     for g in r.engine.active()
