@@ -6,6 +6,8 @@ tokens of the same runs unmigrated; in the default mode no token before the hand
 from __future__ import annotations
 
 import random
+import threading
+import time
 
 import pytest
 import torch
@@ -185,6 +187,31 @@ def test_hold_stops_sampling_and_release_continues_identically(model):
     e.release(g)
     _run(e)
     assert g.generated == ref
+
+
+def test_hold_after_next_token_pauses_each_request_right_after_one_more_token(model):
+    cfg = EngineConfig(deterministic=True)
+    refs = [Engine(model, start=False, config=cfg).generate(_prompt(i), _sp(i)) for i in (2, 3)]
+    e = Engine(model, start=False, config=cfg)
+    gens = [e.submit(_prompt(i), _sp(i)) for i in (2, 3)]
+    for _ in range(4):
+        e.step()
+    before = [g.step for g in gens]
+    holder = threading.Thread(target=e.hold_after_next_token, args=(gens, 60.0))
+    holder.start()
+    while not all(g._hold_next for g in gens):  # flagged (no step runs before that)
+        time.sleep(0.001)
+    while holder.is_alive():  # the steps the hold waits for
+        e.step()
+    held = [g.step for g in gens]
+    assert held == [b + 1 for b in before]  # paused right after one more token
+    for _ in range(3):
+        e.step()
+    assert [g.step for g in gens] == held  # and nothing after it
+    for g in gens:
+        e.release(g)
+    _run(e)
+    assert [g.generated for g in gens] == refs
 
 
 def test_extend_refuses_what_a_source_could_not_send(model):

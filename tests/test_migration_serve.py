@@ -303,38 +303,42 @@ def test_the_destination_killed_at_random_points_of_20_migrations(pair, long_mod
     rng = random.Random(11)
     outcomes: dict[str, int] = {}
     spares = [Node(tmp_path, "victim", long_models) for _ in range(2)]  # the next ones boot meanwhile
-    for i in range(20):
-        victim = spares.pop(0).wait()
-        spares.append(Node(tmp_path, "victim", long_models))
-        while not victim.status()["imports_ready"]:
-            time.sleep(0.05)
-        if i % 2:
-            reference(victim.url, body(0, max_tokens=1))
-        bodies = [body(i * 2 + k, max_tokens=120) for k in range(2)]
-        refs = [reference(s.url, b) for b in bodies]
-        streams = [Stream(s.url, b) for b in bodies]
-        for st in streams:
-            st.started.wait(REQUEST_SECONDS)
-        out: list[httpx.Response] = []
-        t = threading.Thread(target=lambda out=out, victim=victim: out.append(migrate(s, victim)), daemon=True)
-        t.start()
-        time.sleep(rng.uniform(0.0, 0.4))
-        victim.kill()
-        t.join(REQUEST_SECONDS)
-        assert out, "the migration call hung"
-        for st, ref in zip(streams, refs):
-            assert st.result() == (ref, "length"), f"migration {i}"
-        if out[0].status_code == 200:
-            rec = s.status()["migrations"]["recent"][0]  # "done", or "resumed" once the stream broke
-            key = rec["outcome"]
-        elif out[0].status_code == 404:
-            key = "finished before"
-        else:
-            key = out[0].json()["migration"]["outcome"]
-        outcomes[key] = outcomes.get(key, 0) + 1
-        assert_nothing_left(s)
-    for n in spares:
-        n.stop()
+    started = list(spares)
+    try:
+        for i in range(20):
+            victim = spares.pop(0).wait()
+            spares.append(Node(tmp_path, "victim", long_models))
+            started.append(spares[-1])
+            while not victim.status()["imports_ready"]:
+                time.sleep(0.05)
+            if i % 2:
+                reference(victim.url, body(0, max_tokens=1))
+            bodies = [body(i * 2 + k, max_tokens=120) for k in range(2)]
+            refs = [reference(s.url, b) for b in bodies]
+            streams = [Stream(s.url, b) for b in bodies]
+            for st in streams:
+                st.started.wait(REQUEST_SECONDS)
+            out: list[httpx.Response] = []
+            t = threading.Thread(target=lambda out=out, victim=victim: out.append(migrate(s, victim)), daemon=True)
+            t.start()
+            time.sleep(rng.uniform(0.0, 0.4))
+            victim.kill()
+            t.join(REQUEST_SECONDS)
+            assert out, "the migration call hung"
+            for st, ref in zip(streams, refs):
+                assert st.result() == (ref, "length"), f"migration {i}"
+            if out[0].status_code == 200:
+                rec = s.status()["migrations"]["recent"][0]  # "done", or "resumed" once the stream broke
+                key = rec["outcome"]
+            elif out[0].status_code == 404:
+                key = "finished before"
+            else:
+                key = out[0].json()["migration"]["outcome"]
+            outcomes[key] = outcomes.get(key, 0) + 1
+            assert_nothing_left(s)
+    finally:
+        for n in started:
+            n.stop()
     assert sum(outcomes.values()) == 20
     assert outcomes.get("aborted", 0) >= 2 and outcomes.get("resumed", 0) >= 2, outcomes  # both sides of the handover
 

@@ -75,6 +75,14 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
          "sllm schedule-plan --simulate gamma:rps=1.4,cv=8,duration=600 --inventory cluster.toml \\\n"
          "    --models opt-1.3b=2.6GBx16 --policy sllm,serverlessllm --seed 1"),
     ],
+    "migrate": [
+        ("Move every running request of a model from one node to another:",
+         "sllm migrate --from http://127.0.0.1:8343 --to http://127.0.0.1:8344 --model opt-1.3b"),
+        ("One request, by node names of the inventory, as JSON:",
+         "sllm migrate -i cluster.toml --from a --to b -m opt-1.3b --request cmpl-3f2a... --json"),
+        ("Stop-and-copy instead of rounds (pause, send every token, prefill, resume):",
+         "sllm migrate --from http://127.0.0.1:8343 --to http://127.0.0.1:8344 -m opt-1.3b --max-rounds 0"),
+    ],
     "inventory": [
         ("Profile this node and add it to the inventory:",
          "sllm load-bench ./opt-1.3b --tiers --profile node-a.toml\n"
@@ -122,8 +130,23 @@ def _inventory_format() -> str:
     return textwrap.dedent(block).strip("\n")
 
 
+def _migration_protocol() -> str:
+    """The protocol's steps: the numbered list of sllm.core.migration's docstring."""
+    import textwrap
+
+    from sllm.core import migration
+
+    doc = migration.__doc__
+    text = textwrap.dedent(doc[doc.index("1. **Prepare"):doc.index("What it does not do")]).strip()
+    for rst, plain in (("**", ""), ("``", ""), (":func:`", ""), (":class:`~sllm.errors.", ""), ("`", ""),
+                       ("*held*", "held")):
+        text = text.replace(rst, plain)
+    return text
+
+
 #: Extra sections per command path: (heading, preformatted text or a callable giving it).
 SECTIONS: dict[str, list[tuple[str, Any]]] = {
+    "migrate": [("PROTOCOL", _migration_protocol)],
     "schedule-plan": [("INVENTORY FORMAT", _inventory_format)],
     "inventory": [("INVENTORY FORMAT", _inventory_format)],
 }
@@ -136,6 +159,9 @@ GLOBAL_ENV: list[tuple[str, str]] = [
     ("SLLM_REMOTE_TIMEOUT", "Seconds a remote may take to connect or to send the next bytes (default 30)."),
     ("SLLM_REMOTE_STALL_SECONDS",
      "A pull that moves under 64 KiB in this many seconds fails as stalled (default 60)."),
+    ("SLLM_MIGRATION_IDLE_SECONDS",
+     "sllm serve: a live migration this node receives is aborted (its copies and lease freed) when the source sends "
+     "nothing for this many seconds before the handover (default 30)."),
 ]
 
 

@@ -70,6 +70,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         manager.start()
+        await migrations.start()
         try:
             yield
         finally:

@@ -68,6 +68,7 @@ class MigrationRecord:
     error: str | None = None
     rounds: list[dict[str, Any]] = field(default_factory=list)
     longest_pause_seconds: float | None = None
+    handover_seconds: float | None = None  # from the start to D's answer to the final round
     total_seconds: float | None = None
     bytes_sent: int = 0
     kv_bytes_replaced: int | None = None

@@ -251,6 +251,7 @@ async def migrate_out(
             raise MigrationError(why) from exc
         raise
     relay.handed_over = True
+    rec.handover_seconds = time.monotonic() - t0
     moved = [c for c in paused if not c.gen.done]
     kv = 0
     for c in paused:
@@ -272,18 +273,21 @@ def new_migration_id() -> str:
 
 
 def _hold(runs: list[Any]) -> list[Any]:
-    """Pause each request (engine thread's step finished); the ones that ended meanwhile are left out."""
-    out = []
-    for c in runs:
-        try:
-            c.pause()
-        except UsageError:  # it ended between the check and the hold
-            continue
-        if not c.gen.done:
-            out.append(c)
-        else:
-            c.unpause()
-    return out
+    """Pause the requests right after each one's next token (``Engine.hold_after_next_token``:
+    the handover's pause starts as a token reaches the client); the ones that ended
+    meanwhile are left out. Blocking: call in a thread."""
+    live = [c for c in runs if not c.gen.done]
+    if not live:
+        return []
+    try:
+        live[0].engine.hold_after_next_token([c.gen for c in live])
+    except UsageError:  # one ended between the check and the hold: hold them one by one
+        for c in live:
+            try:
+                c.pause()
+            except UsageError:
+                pass
+    return [c for c in live if not c.gen.done]
 
 
 async def _wait_first_tokens(runs: list[Any]) -> None:

@@ -304,9 +304,14 @@ class Completion:
     def finished(self) -> bool:
         return self.gen is None or self.gen.done
 
+    @property
+    def engine(self) -> Any:
+        """The local engine running it (None after the handover)."""
+        return self._lease.resident.engine if self._lease is not None else None
+
     def pause(self) -> int:
         """Hold the local generation (blocking up to one engine step; call in a thread)."""
-        return self._lease.resident.engine.hold(self.gen)
+        return self.engine.hold(self.gen)
 
     def unpause(self) -> None:
         if self._lease is not None:

@@ -36,6 +36,7 @@ import logging
 import queue
 import secrets
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -99,6 +100,8 @@ class Generation:
         self._cancelled = threading.Event()
         self._done = threading.Event()
         self._caught_up = threading.Event()  # held, and every token but the last is in the cache
+        self._hold_next = False  # hold right after the next token is appended (Engine.hold_after_next_token)
+        self._paused = threading.Event()
 
     @property
     def generated(self) -> list[int]:
@@ -318,6 +321,39 @@ class Engine:
         with self._cond:
             return len(gen.tokens)
 
+    def hold_after_next_token(self, gens: Sequence[Generation], timeout: float = 1.0) -> None:
+        """Hold each of ``gens`` right after its next token is appended (decoding ones; the
+        others at once), so that a migration's handover starts the moment a token has been
+        streamed, not up to a step later. Returns when all are held or finished; after
+        ``timeout`` seconds the rest are held at once (:meth:`hold`).
+
+        Raises:
+            UsageError: one of ``gens`` is not an unfinished request of this engine.
+        """
+        now: list[Generation] = []
+        with self._cond:
+            for gen in gens:
+                seq = self._seq(gen)
+                gen._paused.clear()
+                if seq.held:
+                    gen._paused.set()
+                elif seq.num_computed == seq.num_tokens - 1:  # decoding: its next step samples
+                    gen._hold_next = True
+                else:
+                    now.append(gen)
+        deadline = time.monotonic() + timeout
+        for gen in gens:
+            if gen not in now and not gen._paused.wait(max(0.0, deadline - time.monotonic())):
+                now.append(gen)
+        for gen in now:
+            with self._cond:
+                gen._hold_next = False
+                if self._gens.get(gen.id) is gen:
+                    self._sched.get(gen.id).held = True
+        if now:
+            with self._step_lock:
+                pass
+
     def extend(self, gen: Generation, tokens: Sequence[int], *, release: bool = False) -> None:
         """Append ``tokens`` to a held request's token list (a live migration's next delta);
         their prefill is scheduled. With ``release``, also :meth:`release` it in the same
@@ -436,6 +472,10 @@ class Engine:
                 return
             gen.tokens.append(token)
             self._sched.advance(gen.id, 0, 1)
+            if gen._hold_next:
+                gen._hold_next = False
+                self._sched.get(gen.id).held = True
+                gen._paused.set()
         gen._emit(token)
         if gen.step >= gen.params.max_tokens or (self.max_context is not None and len(gen.tokens) >= self.max_context):
             self._end(gen, "length")
@@ -464,6 +504,7 @@ class Engine:
             gen.finish_reason = reason
             gen._done.set()
             gen._caught_up.set()
+            gen._paused.set()
             gen._emit(None)
 
     def close(self) -> None:
