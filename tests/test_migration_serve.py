@@ -378,3 +378,39 @@ def test_sllm_migrate_cli(pair, tmp_path):
     p = subprocess.run([sys.executable, "-m", "sllm", "migrate", "--from", s.url, "--to", d.url, "-m", "m"],
                        capture_output=True, text=True, timeout=REQUEST_SECONDS, env=env)
     assert p.returncode == 1 and "no request" in p.stderr  # nothing decoding now
+
+
+def test_a_front_door_frees_a_node_by_migrating_its_busy_model(long_models, tmp_path):
+    """Node x holds models a and b and has room for one; node y holds only a. A request for
+    b arrives at x while a streams there: the scheduler's best option is to migrate a's
+    request to y and load b on x, and the front door carries it out; both complete intact."""
+    import shutil
+
+    dir_x, dir_y = tmp_path / "models-x", tmp_path / "models-y"
+    for d in (dir_x, dir_y):
+        d.mkdir()
+        shutil.copytree(long_models / "m", d / "a")
+    shutil.copytree(long_models / "m", dir_x / "b")
+    ports = {"x": free_port(), "y": free_port()}
+    inv = tmp_path / "cluster.toml"
+    inv.write_text("\n".join(
+        f'[nodes.{n}]\nurl = "http://127.0.0.1:{p}"\nmax_memory_bytes = 50000000\n[nodes.{n}.device]\nkind = "cpu"\n'
+        f'[nodes.{n}.tiers.ssd]\ngbps = 1.0\n[nodes.{n}.loader]\nfixed_seconds = 0.05\n' for n, p in ports.items()))
+    x = Node(tmp_path, "x", dir_x, "--max-memory", "50MB", "--inventory", str(inv), "--node-name", "x", port=ports["x"])
+    y = Node(tmp_path, "y", dir_y, "--max-memory", "50MB", "--inventory", str(inv), "--node-name", "y", port=ports["y"])
+    try:
+        x.wait(), y.wait()
+        long = {**body(4, max_tokens=480), "model": "a"}
+        ref = reference(y.url, long)
+        httpx.post(y.url + "/v1/cache/a/evict?tier=device", timeout=REQUEST_SECONDS).raise_for_status()
+        st = Stream(x.url, long, headers={"x-sllm-forwarded-by": "test"})  # served on x, not routed
+        st.started.wait(REQUEST_SECONDS)
+        r = httpx.post(x.url + "/v1/completions", json={**body(0, max_tokens=4), "model": "b"}, timeout=REQUEST_SECONDS)
+        assert r.status_code == 200, r.text
+        assert st.result() == (ref, "length")
+        assert x.status()["migrations"]["counts"]["out_done"] == 1
+        assert y.status()["migrations"]["counts"]["in_done"] == 1
+        assert [m["model"] for m in x.status()["resident"]] == ["b"]
+    finally:
+        x.stop()
+        y.stop()

@@ -37,8 +37,8 @@ def schedule_plan(
     ] = 0,
     migration: Annotated[
         bool, typer.Option("--migration/--no-migration",
-                           help="Consider migrating running requests to make room (planned; --apply needs live "
-                           "migration on the nodes).")
+                           help="Consider migrating running requests to make room (--apply carries them out with "
+                           "live migration, as sllm migrate).")
     ] = True,
     apply: Annotated[bool, typer.Option("--apply", help="Carry out the best option through the nodes' APIs.")] = False,
     timeout: TimeoutOpt = 1.0,
@@ -105,6 +105,11 @@ def schedule_plan(
 
     states = live_states(inv, timeout)
     p = plan(model, inv, states, prompt_tokens=prompt_tokens, migration=migration)
+    if apply:
+        from sllm.client import HttpMigrator
+        from sllm.core.scheduler import register_migrator
+
+        register_migrator(HttpMigrator())  # live migration through the source node's POST /v1/migrations
     applied = _apply(inv, p) if apply and p.best is not None else None
     if json_output:
         emit_json({"model": p.model, "nbytes": p.nbytes, "prompt_tokens": p.prompt_tokens, "migration": p.migration,

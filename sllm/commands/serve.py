@@ -294,6 +294,7 @@ def _front_door(inv: Any, node_name: str | None, url: str) -> Any:
     Raises:
         UsageError: no node of the inventory is this one.
     """
+    from sllm.client import HttpMigrator
     from sllm.server.frontdoor import FrontDoor
 
     if node_name is None:
@@ -302,7 +303,7 @@ def _front_door(inv: Any, node_name: str | None, url: str) -> Any:
         if len(same) != 1:
             raise UsageError(f"--inventory {inv.source}: no node has url {url}; name this node with --node-name")
         node_name = same[0]
-    return FrontDoor(inv, node_name)
+    return FrontDoor(inv, node_name, migrator=HttpMigrator())
 
 
 def _run(config: Any, host: str, port: int, log_level: str, json_out: bool, inv: Any = None,

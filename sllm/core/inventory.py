@@ -413,7 +413,7 @@ class ResidentModel:
     """A model loaded on a node's device.
 
     Attributes:
-        model: its name. nbytes: its weights, bytes. pinned: never unloaded by the budget.
+        model: its name. nbytes: the memory it holds: weights and KV cache, bytes. pinned: never unloaded by the budget.
         idle_seconds: seconds since its last request ended (0 while serving).
         requests: what it is generating now.
     """
@@ -506,7 +506,7 @@ class NodeState:
 
     @property
     def resident_bytes(self) -> int:
-        """Bytes of resident weights."""
+        """Bytes the resident models hold: weights and KV caches."""
         return sum(r.nbytes for r in self.resident)
 
 
@@ -516,7 +516,9 @@ def parse_status(name: str, status: Mapping[str, Any]) -> NodeState:
     try:
         resident = tuple(
             ResidentModel(
-                r["model"], int(r.get("nbytes") or 0), bool(r.get("pinned", False)), float(r.get("idle_seconds", 0.0)),
+                # the memory it holds: its weights and its engine's KV cache (both count in the node's budget)
+                r["model"], int(r.get("nbytes") or 0) + int((r.get("kv") or {}).get("total_bytes") or 0),
+                bool(r.get("pinned", False)), float(r.get("idle_seconds", 0.0)),
                 tuple(RunningRequest(str(q.get("id", "")), int(q.get("prompt_tokens", 0)),
                                      int(q.get("completion_tokens", 0))) for q in r.get("requests", ())),
             )

@@ -12,7 +12,10 @@ streams the answer back byte for byte (SSE events pass through unchanged, so tok
 exactly once). A request that carries that header is always served where it arrives, so a
 request makes at most one hop and two nodes never bounce it. Responses name the serving
 node (``x-sllm-served-by``) and the estimate that chose it (``x-sllm-estimate-seconds``).
-If the chosen node cannot be reached, the request is served here.
+If the chosen node cannot be reached, the request is served here. When the chosen option
+frees room by migrating a busy model's running requests to another node (``sllm serve``
+gives it :class:`sllm.client.HttpMigrator`), the front door carries the
+migrations out first, through the source node's ``POST /v1/migrations``.
 
 It knows the scheduler and httpx; it knows nothing of models or engines.
 """
@@ -29,8 +32,8 @@ from typing import Any
 import httpx
 
 from sllm.core.inventory import Inventory, NodeSpec, gather_states, parse_status
-from sllm.core.scheduler import Plan, plan
-from sllm.errors import SchedulingError, ServerError
+from sllm.core.scheduler import Migrator, Plan, plan
+from sllm.errors import MigrationError, SchedulingError, ServerError
 
 log = logging.getLogger("sllm.server")
 
@@ -74,18 +77,22 @@ class FrontDoor:
     Args:
         inventory: the cluster. name: this node's name in it.
         status_timeout: seconds for each other node's ``/status``.
+        migrator: live migration, to free a node by moving its busy models' requests
+            (None: routing never plans a migration).
 
     Raises (constructor):
         UsageError: ``name`` is not a node of the inventory.
     """
 
-    def __init__(self, inventory: Inventory, name: str, *, status_timeout: float = ROUTE_STATUS_TIMEOUT) -> None:
+    def __init__(self, inventory: Inventory, name: str, *, status_timeout: float = ROUTE_STATUS_TIMEOUT,
+                 migrator: Migrator | None = None) -> None:
         from sllm.errors import UsageError
 
         if name not in inventory.nodes:
             raise UsageError(f"--node-name {name!r}: not a node of {inventory.source} "
                              f"(its nodes: {', '.join(inventory.nodes) or 'none'})")
         self.inventory, self.name, self.status_timeout = inventory, name, status_timeout
+        self.migrator = migrator
         self._client: httpx.AsyncClient | None = None
 
     def client(self) -> httpx.AsyncClient:
@@ -106,8 +113,9 @@ class FrontDoor:
         others = [s for n, s in self.inventory.nodes.items() if n != self.name]
         states = await asyncio.to_thread(gather_states, others, _fetch_status, timeout=self.status_timeout)
         states[self.name] = here
+        migrator = self.migrator
         try:
-            p = plan(model, self.inventory, states, prompt_tokens=prompt_tokens)
+            p = plan(model, self.inventory, states, prompt_tokens=prompt_tokens, migration=migrator is not None)
         except SchedulingError as exc:
             log.info("routing %s: %s; serving it here", model, exc)
             return Route(self.name, None, math.nan)
@@ -115,8 +123,26 @@ class FrontDoor:
         mine = next((o for o in p.options if o.node == self.name), None)
         if best is None or best.node == self.name or (mine is not None and mine.feasible
                                                        and mine.seconds <= best.seconds):
-            return Route(self.name, None, mine.seconds if mine is not None else math.nan, p)
-        return Route(best.node, self.inventory.nodes[best.node].url, best.seconds, p)
+            chosen, route = mine, Route(self.name, None, mine.seconds if mine is not None else math.nan, p)
+        else:
+            chosen, route = best, Route(best.node, self.inventory.nodes[best.node].url, best.seconds, p)
+        if chosen is not None and chosen.migrate and migrator is not None:
+            await asyncio.to_thread(self._make_room, migrator, chosen)
+        return route
+
+    def _make_room(self, migrator: Any, option: Any) -> None:
+        """Carry out ``option``'s migrations (the busy models that leave its node so the model
+        fits); a migration that fails leaves its requests where they were (the node then
+        waits for room or answers 503), logged."""
+        for mv in option.migrate:
+            try:
+                migrator.migrate(mv.model, self.inventory.nodes[option.node], self.inventory.nodes[mv.destination],
+                                 mv.requests)
+                log.info("routing: migrated %s (%d request(s)) from %s to %s to make room", mv.model,
+                         len(mv.requests), option.node, mv.destination)
+            except (MigrationError, ServerError) as exc:
+                log.warning("routing: migrating %s from %s to %s failed: %s", mv.model, option.node,
+                            mv.destination, exc)
 
     async def forward(self, route: Route, path: str, body: bytes, headers: Mapping[str, str]) -> tuple[int, dict, Any]:
         """Send the request to ``route``'s node; returns (status, headers, async byte iterator)
