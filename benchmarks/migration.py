@@ -116,7 +116,8 @@ def one(src: str, dst: str, length: int, warm_tokens: int, max_tokens: int, **mi
             "longest_gap": max(during) if during else 0.0,
             "rounds": len(rec["rounds"]), "bytes_sent": rec["bytes_sent"], "kv_bytes": rec["kv_bytes_replaced"],
             "migration_seconds": rec["total_seconds"], "tokens": len(times),
-            "final_tokens": rec["rounds"][-1]["tokens"], "server_pause": rec["longest_pause_seconds"]}
+            "final_tokens": rec["rounds"][-1]["tokens"], "converged": 1.0 if rec.get("converged") else 0.0,
+            "server_pause": rec["longest_pause_seconds"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"context": length, "mode": mode, **med,
                              "ratio": med["longest_gap"] / med["normal_gap"],
                              "handover_ratio": med["handover_gap"] / med["normal_gap"], "runs": args.runs,
-                             "rounds_max": max(r["rounds"] for r in runs)})
+                             "rounds_max": max(r["rounds"] for r in runs),
+                             "converged_share": sum(r["converged"] for r in runs) / len(runs)})
                 print(f"{length:5d} {mode:14s} normal {med['normal_gap'] * 1e3:7.1f} ms  handover "
                       f"{med['handover_gap'] * 1e3:7.1f} ms  longest {med['longest_gap'] * 1e3:8.1f} ms  "
                       f"x{rows[-1]['ratio']:5.2f}  rounds {med['rounds']:.0f}  "
@@ -166,12 +168,12 @@ def main(argv: list[str] | None = None) -> int:
             p.terminate()
             p.wait(60)
     print("| context | mode | normal gap ms | gap at the handover ms (x normal) | longest gap ms (x normal) | "
-          "rounds (max) | token bytes sent | KV bytes replaced |")
-    print("|---|---|---|---|---|---|---|---|")
+          "rounds incl. round 0 and the handover (max) | converged | token bytes sent | KV bytes replaced |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['context']} | {r['mode']} | {r['normal_gap'] * 1e3:.1f} | {r['handover_gap'] * 1e3:.1f} "
               f"({r['handover_ratio']:.2f}) | {r['longest_gap'] * 1e3:.1f} ({r['ratio']:.2f}) | {r['rounds']:.0f} "
-              f"({r['rounds_max']}) | {r['bytes_sent']:.0f} | {r['kv_bytes']:.0f} |")
+              f"({r['rounds_max']}) | {r['converged_share']:.0%} | {r['bytes_sent']:.0f} | {r['kv_bytes']:.0f} |")
     print(json.dumps({"benchmark": "migration", "config": CONFIG, "rows": rows}))
     return 0
 

@@ -101,7 +101,7 @@ def test_source_migration_rounds_until_the_delta_then_hands_over():
     assert r2.requests[0].length == 8 and r2.requests[0].digest == token_digest(toks["a"])
     assert sm.phase == "handover"
     sm.acked(r2, 0.001)
-    assert sm.phase == "done" and sm.sent == {"a": 8}
+    assert sm.phase == "done" and sm.sent == {"a": 8} and sm.converged
     assert [r.tokens for r in sm.rounds] == [6, 4, 1]
 
 
@@ -115,13 +115,19 @@ def test_rounds_are_capped_and_stop_and_copy_hands_over_at_once():
         sm.acked(rnd, 0.0)
         n += 3
     assert sm.should_hand_over({"a": n})
+    sm.next_round({"a": list(range(n))}, final=True)
+    assert sm.converged is False  # the cap, not the delta
     stop = SourceMigration("m3", "x", max_rounds=0)
     stop.prepared()
     assert stop.should_hand_over({"a": 10})
+    stop.next_round({"a": list(range(10))}, final=True, prompt_lens={"a": 1}, params={"a": _params()})
+    assert stop.converged is None
     with pytest.raises(MigrationError, match=">= 0"):
         SourceMigration("m4", "x", delta=-1)
     stop.abort("D died")
     assert stop.phase == "aborted" and stop.error == "D died"
+    stop.abort("again")
+    assert stop.error == "D died"
 
 
 def test_a_simulated_cluster_converges_within_3_rounds_99_percent_of_the_time():
@@ -142,7 +148,7 @@ def test_a_simulated_cluster_converges_within_3_rounds_99_percent_of_the_time():
             if final:
                 break
             n += int(took / gap)
-        converged += sm.rounds[-1].lag <= sm.delta
+        converged += bool(sm.converged)
     assert converged >= 990
 
 

@@ -82,7 +82,12 @@ def migrate(
     dst_url, dst_key = resolve(destination, inventory, api_key, "--to")
     if src_url == dst_url:
         raise UsageError(f"--from and --to are the same node ({src_url})")
-    with NodeClient(src_url, api_key=src_key) as client:
+    from contextlib import nullcontext
+
+    from sllm.commands._output import stderr
+
+    spinner = stderr.status(f"migrating {model} from {src_url} to {dst_url}") if stderr.is_terminal else nullcontext()
+    with spinner, NodeClient(src_url, api_key=src_key) as client:
         rec = client.migrate(model, dst_url, destination_api_key=dst_key, request_ids=request or None, delta=delta,
                              max_rounds=max_rounds)
     if json_output:
@@ -97,6 +102,7 @@ def _print(rec: dict[str, Any]) -> None:
           ["round", "kind", "tokens sent", "new tokens closed", "seconds"], rows)
     pause = rec.get("longest_pause_seconds")
     kv = rec.get("kv_bytes_replaced")
-    print(f"outcome: {rec['outcome']}; longest pause seen by a stream: "
+    conv = {True: "converged", False: "round cap reached", None: "stop-and-copy"}[rec.get("converged")]
+    print(f"outcome: {rec['outcome']} ({conv}); longest pause seen by a stream: "
           f"{'-' if pause is None else f'{pause * 1000:.1f} ms'}; total {rec['total_seconds']:.3f} s; "
           f"{rec['bytes_sent']} bytes of tokens sent" + (f" for {kv} bytes of KV cache" if kv else ""))

@@ -248,6 +248,7 @@ class SourceMigration:
     sent: dict[str, int] = field(default_factory=dict)
     rounds: list[RoundRecord] = field(default_factory=list)
     error: str | None = None
+    converged: bool | None = None  # handed over because at most delta tokens were new (not the cap)
 
     def __post_init__(self) -> None:
         if self.delta < 0 or self.max_rounds < 0:
@@ -286,6 +287,8 @@ class SourceMigration:
                 D holds, or a request new to D without its prompt length and parameters.
         """
         self._expect("copy")
+        if final and self.max_rounds:
+            self.converged = bool(self.rounds) and self.lag({rid: len(t) for rid, t in tokens.items()}) <= self.delta
         drop = tuple(rid for rid in self.sent if rid not in tokens)
         reqs = []
         for rid, toks in tokens.items():

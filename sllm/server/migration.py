@@ -69,6 +69,7 @@ class MigrationRecord:
     rounds: list[dict[str, Any]] = field(default_factory=list)
     longest_pause_seconds: float | None = None
     handover_seconds: float | None = None  # from the start to D's answer to the final round
+    converged: bool | None = None  # handed over at most delta new tokens (not because max_rounds ran out)
     total_seconds: float | None = None
     bytes_sent: int = 0
     kv_bytes_replaced: int | None = None

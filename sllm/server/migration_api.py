@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from sllm.core.migration import DEFAULT_DELTA, DEFAULT_MAX_ROUNDS, MAX_ID_CHARS, MAX_REQUESTS
-from sllm.errors import MigrationError
+from sllm.errors import MigrationError, UsageError
 from sllm.server import schemas
 from sllm.server.migration import MigrationLog, Peer
 from sllm.server.migration_in import IncomingMigrations, UnknownMigration
@@ -137,6 +137,8 @@ class Migrations:
             runs = [by_id[r] for r in body.request_ids]
         if not runs:
             raise NoSuchRequests(f"no request of {body.model!r} is decoding on this node")
+        if not hasattr(runs[0].engine, "hold_after_next_token"):
+            raise UsageError(f"{body.model!r} runs on an engine without live migration (sllm serve --backend sllm has it)")
         peer = Peer(body.destination, body.destination_api_key, self.client())
         mid = new_migration_id()
         task = asyncio.ensure_future(migrate_out(runs, peer, self.log, model=body.model, source=self.name,

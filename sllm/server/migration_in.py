@@ -112,6 +112,9 @@ class IncomingMigrations:
         if mid in self.active:  # prepared twice concurrently
             self.manager.release(lease)
             raise MigrationError(f"migration {mid!r}: already in progress on this node")
+        if not hasattr(lease.resident.engine, "extend"):
+            self.manager.release(lease)
+            raise MigrationError(f"{model!r} runs on an engine without live migration here (--backend sllm has it)")
         self.active[mid] = Incoming(mid, model, lease, self.log.start(rec))
         rec.phase = "copy"
         if self._watchdog is None or self._watchdog.done():

@@ -252,6 +252,7 @@ async def migrate_out(
         raise
     relay.handed_over = True
     rec.handover_seconds = time.monotonic() - t0
+    rec.converged = sm.converged
     moved = [c for c in paused if not c.gen.done]
     kv = 0
     for c in paused:
