@@ -18,6 +18,10 @@ D recomputes the cache by prefilling them. The server runs the steps
    the next token) and streams the tokens it generates, each with its position; S drops
    its KV and relays them to the client.
 
+Text does not travel: the node the client is connected to keeps its detokenizer and its
+stop-string check (the held-back bytes and stop-string prefix stay where they are), and D
+sends token ids with their positions; a stop string found there cancels D's copy.
+
 ``max_rounds = 0`` is stop-and-copy: pause at once and send everything in the final round.
 Every request of a model on S may move at once (D batches them). A request that ends on S
 while it is copied is dropped from the migration (D cancels its copy).

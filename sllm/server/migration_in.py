@@ -35,12 +35,15 @@ from typing import Any
 from sllm.core.engine import SamplingParams
 from sllm.core.migration import check_round, parse_round
 from sllm.errors import MigrationError, UsageError
-from sllm.server.migration import IDLE_SECONDS, MigrationLog, MigrationRecord, ndjson
+from sllm.server.migration import IDLE_SECONDS, ROUND_SECONDS, MigrationLog, MigrationRecord, ndjson
 from sllm.server.models import Lease, ModelManager
 
 log = logging.getLogger("sllm.server")
 
 _PARAM_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
+#: Seconds a round's copies may take to catch up before the round fails (within the
+#: source's own timeout for the round).
+CATCH_UP_SECONDS = ROUND_SECONDS - 5
 
 
 class UnknownMigration(MigrationError):
@@ -61,6 +64,7 @@ class Incoming:
     streaming: bool = False
     ended: bool = False
     last_message: float = field(default_factory=time.monotonic)
+    busy: int = 0  # rounds being applied (a long prefill is not silence)
     unfinished: set[str] = field(default_factory=set)
 
 
@@ -167,7 +171,11 @@ class IncomingMigrations:
                     engine.release(gen)
                 self._maybe_done(inc)
             else:
-                await asyncio.to_thread(_wait_caught_up, list(inc.gens.values()), IDLE_SECONDS)
+                inc.busy += 1
+                try:
+                    await asyncio.to_thread(_wait_caught_up, list(inc.gens.values()), CATCH_UP_SECONDS)
+                finally:
+                    inc.busy -= 1
         except (MigrationError, UsageError) as exc:
             self.abort(mid, str(exc))
             raise MigrationError(str(exc)) from exc
@@ -260,7 +268,7 @@ class IncomingMigrations:
             await asyncio.sleep(min(1.0, IDLE_SECONDS / 4))
             now = time.monotonic()
             for mid, inc in list(self.active.items()):
-                quiet = now - inc.last_message > IDLE_SECONDS
+                quiet = now - inc.last_message > IDLE_SECONDS and not inc.busy
                 if quiet and (not inc.live or not inc.streaming):
                     self.abort(mid, f"no message from the source for {IDLE_SECONDS:.0f} s")
 

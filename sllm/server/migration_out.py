@@ -214,7 +214,12 @@ async def migrate_out(
             live = {c.id: c for c in runs if not c.gen.done}
             final = sm.should_hand_over({rid: len(c.gen.tokens) for rid, c in live.items()})
             if final:
-                paused = await asyncio.to_thread(_hold, list(live.values()))
+                holding = asyncio.ensure_future(asyncio.to_thread(_hold, list(live.values())))
+                try:
+                    paused = await asyncio.shield(holding)
+                except asyncio.CancelledError:  # aborted meanwhile: the holds finish, then are released below
+                    paused = await holding
+                    raise
                 rec.phase = "handover"
                 live = {c.id: c for c in paused}
             rnd = sm.next_round({rid: list(c.gen.tokens) for rid, c in live.items()}, final=final,
