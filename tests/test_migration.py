@@ -220,6 +220,20 @@ def test_hold_after_next_token_pauses_each_request_right_after_one_more_token(mo
     assert [g.generated for g in gens] == refs
 
 
+def test_a_hold_whose_next_token_is_the_last_sees_the_request_finished(model):
+    e = Engine(model, start=False, config=EngineConfig(deterministic=True))
+    g = e.submit(_prompt(4), SamplingParams(max_tokens=2))
+    e.step()  # prefill + token 1
+    assert g.step == 1 and e.exhausted(g, len(g.tokens) + 1)
+    holder = threading.Thread(target=e.hold_after_next_token, args=([g], 60.0))
+    holder.start()
+    while not g._hold_next:
+        time.sleep(0.001)
+    while holder.is_alive():
+        e.step()
+    assert g.done and g.finish_reason == "length" and g.step == 2  # never "held" with nothing left to generate
+
+
 def test_extend_refuses_what_a_source_could_not_send(model):
     e = Engine(model, start=False, config=EngineConfig(deterministic=True))
     g = e.submit([1, 2, 3], SamplingParams(max_tokens=4))

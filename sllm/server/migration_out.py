@@ -222,7 +222,9 @@ async def migrate_out(
                     raise
                 rec.phase = "handover"
                 live = {c.id: c for c in paused}
-            rnd = sm.next_round({rid: list(c.gen.tokens) for rid, c in live.items()}, final=final,
+            snap = {rid: list(c.gen.tokens) for rid, c in live.items()}
+            snap = {rid: t for rid, t in snap.items() if not live[rid].engine.exhausted(live[rid].gen, len(t))}
+            rnd = sm.next_round(snap, final=final,
                                 prompt_lens={rid: c.prompt_tokens for rid, c in live.items()},
                                 params={rid: dataclasses.asdict(c.gen.params) for rid, c in live.items()})
             t = time.monotonic()
@@ -258,17 +260,20 @@ async def migrate_out(
     relay.handed_over = True
     rec.handover_seconds = time.monotonic() - t0
     rec.converged = sm.converged
-    moved = [c for c in paused if not c.gen.done]
+    moved = [c for c in paused if c.id in sm.sent]  # in the handover (not ended with their last token)
     kv = 0
     for c in paused:
-        kv += c.kv_bytes()
-        c.hand_over(relay.remote(c.id))
+        if c in moved:
+            kv += c.kv_bytes()
+            c.hand_over(relay.remote(c.id))
+        else:
+            c.unpause()  # it ends here by itself
         c.migrating = None
     rec.kv_bytes_replaced = kv
     log_.end(rec, "done")
     log.info("migration %s of %s to %s: %d request(s), %d round(s)", mid, model, peer.url, len(moved), len(rec.rounds))
-    await _wait_first_tokens(paused)
-    pauses = [c.handover_gap for c in paused if c.handover_gap is not None]
+    await _wait_first_tokens(moved)
+    pauses = [c.handover_gap for c in moved if c.handover_gap is not None]
     rec.longest_pause_seconds = max(pauses) if pauses else None
     rec.total_seconds = time.monotonic() - t0
     return rec

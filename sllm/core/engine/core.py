@@ -472,13 +472,19 @@ class Engine:
                 return
             gen.tokens.append(token)
             self._sched.advance(gen.id, 0, 1)
-            if gen._hold_next:
+            if self.exhausted(gen):  # ended with this token (a hold waiting for it hears of the end)
+                self._end(gen, "length")
+            elif gen._hold_next:
                 gen._hold_next = False
                 self._sched.get(gen.id).held = True
                 gen._paused.set()
         gen._emit(token)
-        if gen.step >= gen.params.max_tokens or (self.max_context is not None and len(gen.tokens) >= self.max_context):
-            self._end(gen, "length")
+
+    def exhausted(self, gen: Generation, tokens: int | None = None) -> bool:
+        """Whether ``gen`` (or a list of ``tokens`` of it) has used its ``max_tokens`` or the
+        model's context: it ends with its last token, whatever the engine says yet."""
+        n = len(gen.tokens) if tokens is None else tokens
+        return n - gen.prompt_len >= gen.params.max_tokens or (self.max_context is not None and n >= self.max_context)
 
     def _end(self, gen: Generation, reason: str, error: BaseException | None = None) -> None:
         """Remove ``gen`` (its KV freed now); it is told on the engine thread (:meth:`_tell_ended`)."""
