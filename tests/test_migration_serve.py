@@ -40,6 +40,13 @@ def long_models(tmp_path_factory) -> Path:
     return root
 
 
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the test process dies (a timed-out or killed pytest leaves no node)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 class Node:
     """One ``sllm serve`` subprocess."""
 
@@ -50,7 +57,8 @@ class Node:
         cmd = [sys.executable, "-m", "sllm", "serve", "--models", str(models), "--port", str(self.port),
                "--deterministic", "--json", *extra]
         self.log = root / f"{name}-{self.port}.log"
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(self.log, "w"), env=env)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(self.log, "w"), env=env,
+                                     preexec_fn=_die_with_parent if sys.platform == "linux" else None)
 
     def wait(self) -> Node:
         deadline = time.monotonic() + START_SECONDS
