@@ -2,7 +2,7 @@
 
 Covers what sllm's own tools need: health, models, status, completions (whole or streamed
 as :class:`Chunk` objects, with the cold-start cost the server reports), and the node's
-cache tiers (``/v1/cache``: list, pin, unpin, evict, pull; ``sllm cache --server``). Any
+cache tiers (``/v1/cache``: list, pin, unpin, evict, pull, load; ``sllm cache --server``). Any
 OpenAI client works against the same routes; this one adds sllm's extras
 (``x-sllm-load-seconds``, ``/status``) and sllm's errors. httpx errors and HTTP error
 answers become :class:`~sllm.errors.ServerError` here, chained with ``from``.
@@ -115,6 +115,15 @@ class NodeClient:
 
         Raises: ServerError (HTTP 503 when the pull failed: the message says why)."""
         return self._cache_post(model, "pull", tier)
+
+    def cache_load(self, model: str) -> dict[str, Any]:
+        """Make ``model`` resident on the node's device (``POST /v1/cache/MODEL/load``; the node
+        loads it from its fastest tier, pulling from the remote when none holds it; a resident
+        model is left as it is): model, tier (where the bytes came from), loaded (False: it
+        was resident already), load_seconds, queue_seconds, waited_seconds, nbytes.
+
+        Raises: ServerError (HTTP 404: unknown model; 503: the load or pull failed)."""
+        return self._cache_post(model, "load", None)
 
     def _cache_post(self, model: str, action: str, tier: str | None) -> dict[str, Any]:
         path = f"/v1/cache/{urllib.parse.quote(model, safe='/')}/{action}"

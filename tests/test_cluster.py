@@ -192,5 +192,7 @@ def test_apply_loads_the_model_on_the_best_node(cluster, models_dir):
     doc = json.loads(r.stdout)
     best = doc["best"]
     assert doc["applied"]["node"] == best and best in ("b", "c")
+    load = doc["applied"]["load"]  # loaded through /v1/cache/gpt2-b/load, pulled from the remote
+    assert load["model"] == "gpt2-b" and load["tier"] == "remote" and load["loaded"] and load["nbytes"] == nbytes
     res = httpx.get(cluster.url(best) + "/status", timeout=30).json()["resident"]
     assert "gpt2-b" in [x["model"] for x in res]

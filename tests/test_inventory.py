@@ -4,6 +4,7 @@ profile written by the profiler, and live state gathered concurrently (down node
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import pytest
 
@@ -29,6 +30,7 @@ nbytes = 5000000000
 [nodes.b]
 url = "http://127.0.0.1:9002/"
 api_key_env = "KEY_B"
+admin_key_env = "ADMIN_B"
 max_memory_bytes = 4000000000
 [nodes.b.device]
 kind = "cuda"
@@ -62,6 +64,8 @@ def test_parse_sample(tmp_path):
     assert list(b.tiers) == ["dram", "ssd"] and b.tiers["ssd"].capacity_bytes == 500_000_000_000
     assert b.loader_fixed_seconds == 0.008 and b.pipelined is False and b.memory_budget_bytes == 4_000_000_000
     assert b.api_key({"KEY_B": "s3cret"}) == "s3cret" and inv.nodes["a"].api_key({}) is None
+    assert b.admin_key({"KEY_B": "s3cret", "ADMIN_B": "root"}) == "root"
+    assert inv.nodes["a"].admin_key({}) is None and replace(b, admin_key_env=None).admin_key({"KEY_B": "k"}) == "k"
     assert inv.nodes["a"].device_kind == "cpu" and inv.model_bytes == {"org/big": 5_000_000_000}
     assert parse_inventory(inventory_document(inv), where=str(tmp_path / "cluster.toml")) == inv  # round trip
 
@@ -73,6 +77,7 @@ def test_parse_sample(tmp_path):
     ('[nodes.a]\nurl = "http://x"\n[nodes.a.device]\nkind = "tpu"', "device.kind = 'tpu'"),
     ('[nodes.a]\nurl = "http://x"\n[nodes.a.device]\ncount = 0', "device.count = 0"),
     ('[nodez.a]\nurl = "http://x"', "unknown top-level key(s) nodez"),
+    ('[nodes.a]\nurl = "http://x"\nadmin_key_env = 3', "nodes.a: admin_key_env = 3"),
     ('[models.m]\nnbytes = "big"', "models.m: nbytes = 'big'"),
     ("[nodes.a\n", "not valid TOML"),
 ])

@@ -54,6 +54,10 @@ def add(
     api_key_env: Annotated[
         str | None, typer.Option("--api-key-env", metavar="VAR", help="Environment variable holding the node's API key.")
     ] = None,
+    admin_key_env: Annotated[
+        str | None, typer.Option("--admin-key-env", metavar="VAR",
+                                 help="Environment variable holding the node's --admin-key (for schedule-plan --apply).")
+    ] = None,
     max_memory: Annotated[
         str | None, typer.Option("--max-memory", metavar="BYTES", help="The node's --max-memory (e.g. 40GB).")
     ] = None,
@@ -74,7 +78,7 @@ def add(
     except ValueError as exc:  # tomllib.TOMLDecodeError
         raise InventoryError(f"{profile}: not valid TOML: {exc}") from exc
     spec = TomlInventory(inventory).add_profile(
-        doc, url=url, name=name, api_key_env=api_key_env,
+        doc, url=url, name=name, api_key_env=api_key_env, admin_key_env=admin_key_env,
         max_memory_bytes=parse_bytes(max_memory, "--max-memory", minimum=1) if max_memory else None, where=str(profile))
     if json_output:
         emit_json({"inventory": str(inventory), "node": spec})

@@ -4,7 +4,7 @@ Thin. ``sllm schedule-plan MODEL --inventory cluster.toml`` reads the inventory
 (:class:`sllm.core.inventory.TomlInventory`), fetches every node's ``/status`` concurrently
 (down nodes are skipped), ranks the nodes with :func:`sllm.core.scheduler.plan` and prints
 the options with their breakdown (a table or ``--json``); ``--apply`` carries out the best
-through the nodes' APIs (unload idle models, load the model). ``--simulate TRACE`` runs
+through the nodes' APIs (unload idle models, load the model: ``/v1/cache/MODEL/load``). ``--simulate TRACE`` runs
 :func:`sllm.core.simulate.simulate` instead and prints a table per policy. It imports no
 torch.
 """
@@ -136,7 +136,8 @@ def schedule_plan(
 
 def _apply(inv: Any, p: Any) -> dict[str, Any]:
     """Carry out ``p.best``: unload its idle models (``/v1/cache/M/evict?tier=device``),
-    then load the model with a one-token completion (the node loads on demand).
+    then load the model (``/v1/cache/M/load``: the node queues it like any cold start), with
+    the node's admin key.
 
     Raises:
         MigrationError: the option needs a migration and no migrator is registered.
@@ -149,6 +150,7 @@ def _apply(inv: Any, p: Any) -> dict[str, Any]:
     best = p.best
     spec = inv.nodes[best.node]
     done: list[str] = []
+    loaded = None
     if best.migrate:
         migrator = get_migrator()
         if migrator is None:
@@ -157,14 +159,15 @@ def _apply(inv: Any, p: Any) -> dict[str, Any]:
         for mv in best.migrate:
             migrator.migrate(mv.model, spec, inv.nodes[mv.destination], mv.requests)
             done.append(f"migrated {mv.model} to {mv.destination}")
-    with NodeClient(spec.url, api_key=spec.api_key()) as client:
+    with NodeClient(spec.url, api_key=spec.admin_key()) as client:
         for u in best.unload:
             client.cache_evict(u.model, "device")
             done.append(f"unloaded {u.model}")
         if best.action != "resident":
-            client.complete(p.model, [0], max_tokens=1, temperature=0)
-            done.append(f"loaded {p.model} from {best.tier}")
-    return {"node": best.node, "done": done or ["nothing: resident"]}
+            loaded = client.cache_load(p.model)
+            done.append(f"loaded {p.model} from {loaded['tier']} in {loaded['load_seconds']:.3f} s"
+                        if loaded["loaded"] else f"{p.model} was resident already")
+    return {"node": best.node, "done": done or ["nothing: resident"], "load": loaded}
 
 
 def _simulate(inv: Any, trace: str, models: str | None, policy: str, rps: float | None, duration: float | None,

@@ -208,7 +208,10 @@ def serve(
     (concurrent requests share that one load); the response header x-sllm-load-seconds
     says how long it waited (0 when warm). Models idle for --keep-alive seconds are
     unloaded. Routes: POST /v1/completions, POST /v1/chat/completions (stream: true for
-    Server-Sent Events), GET /v1/models, GET /status, GET /health.
+    Server-Sent Events), GET /v1/models, GET /status, GET /health, and under /v1/cache
+    (--admin-key) the tiers: list, pin, evict, pull, and POST /v1/cache/MODEL/load, which
+    loads MODEL onto the device as a cold request would (schedule-plan --apply) and answers
+    with the tier it came from and the load's seconds.
 
     With --cache-dir or --remote the node serves through the tier cache (as `sllm cache`):
     the models in its SSD and DRAM tiers and on the remote are servable too. A request for a

@@ -26,6 +26,7 @@ The TOML format (``man sllm-schedule-plan``)::
     [nodes.a]                     # one node; the keys of a node profile's [node] table
     url = "http://10.0.0.1:8343"
     api_key_env = "SLLM_KEY_A"    # the API key is read from this variable, never stored
+    admin_key_env = "SLLM_ADMIN_A"  # its --admin-key, for --apply (default: the API key)
     max_memory_bytes = 40000000000  # the node's --max-memory (default: device memory)
     [nodes.a.device]
     kind = "cuda"                 # "cuda" or "cpu"
@@ -105,6 +106,8 @@ class NodeSpec:
         name: unique name.
         url: its ``sllm serve`` base URL.
         api_key_env: the environment variable holding its API key (None: no key).
+        admin_key_env: the one holding its ``--admin-key`` (the cache routes ``--apply``
+            uses); None: the API key.
         device_kind: "cuda" or "cpu" (on the CPU a DRAM entry is the model's memory: no copy).
         device_count: devices (GPUs) on the node.
         device_memory_bytes: memory per device, bytes (the host's memory for "cpu").
@@ -123,6 +126,7 @@ class NodeSpec:
     name: str
     url: str
     api_key_env: str | None = None
+    admin_key_env: str | None = None
     device_kind: str = "cpu"
     device_count: int = 1
     device_memory_bytes: int | None = None
@@ -146,6 +150,10 @@ class NodeSpec:
     def api_key(self, environ: Mapping[str, str] = os.environ) -> str | None:
         """The API key from ``api_key_env`` (None when unset)."""
         return environ.get(self.api_key_env) if self.api_key_env else None
+
+    def admin_key(self, environ: Mapping[str, str] = os.environ) -> str | None:
+        """The admin key from ``admin_key_env``; without one, :meth:`api_key`."""
+        return environ.get(self.admin_key_env) if self.admin_key_env else self.api_key(environ)
 
 
 @dataclass(frozen=True)
@@ -227,9 +235,10 @@ def parse_node(name: str, data: Mapping[str, Any], *, where: str) -> NodeSpec:
             None if wg is None else _num(w, f"tiers.{tier}.write_gbps", wg, positive=True),
         )
     loader = _table(w, "loader", data.get("loader", {}))
-    key_env = data.get("api_key_env")
-    if key_env is not None and not (isinstance(key_env, str) and key_env):
-        raise InventoryError(f"{w}: api_key_env = {key_env!r}: must name an environment variable")
+    key_env, admin_env = data.get("api_key_env"), data.get("admin_key_env")
+    for k, v in (("api_key_env", key_env), ("admin_key_env", admin_env)):
+        if v is not None and not (isinstance(v, str) and v):
+            raise InventoryError(f"{w}: {k} = {v!r}: must name an environment variable")
     pipelined = loader.get("pipelined", True)
     if not isinstance(pipelined, bool):
         raise InventoryError(f"{w}: loader.pipelined = {pipelined!r}: must be true or false")
@@ -244,6 +253,7 @@ def parse_node(name: str, data: Mapping[str, Any], *, where: str) -> NodeSpec:
         name=name,
         url=url.rstrip("/"),
         api_key_env=key_env,
+        admin_key_env=admin_env,
         device_kind=kind,
         device_count=_num(w, "device.count", device.get("count", 1), kind=int, minimum=1),
         device_memory_bytes=None if memory is None else _num(w, "device.memory_bytes", memory, kind=int),
@@ -287,6 +297,8 @@ def node_entry(spec: NodeSpec) -> dict[str, Any]:
     out: dict[str, Any] = {"url": spec.url}
     if spec.api_key_env:
         out["api_key_env"] = spec.api_key_env
+    if spec.admin_key_env:
+        out["admin_key_env"] = spec.admin_key_env
     if spec.max_memory_bytes is not None:
         out["max_memory_bytes"] = spec.max_memory_bytes
     device: dict[str, Any] = {"kind": spec.device_kind, "count": spec.device_count}
@@ -367,6 +379,7 @@ class TomlInventory:
         url: str | None = None,
         name: str | None = None,
         api_key_env: str | None = None,
+        admin_key_env: str | None = None,
         max_memory_bytes: int | None = None,
         where: str = "<profile>",
     ) -> NodeSpec:
@@ -385,6 +398,8 @@ class TomlInventory:
             entry["url"] = url
         if api_key_env:
             entry["api_key_env"] = api_key_env
+        if admin_key_env:
+            entry["admin_key_env"] = admin_key_env
         if max_memory_bytes is not None:
             entry["max_memory_bytes"] = max_memory_bytes
         node_name = name or node.get("name")

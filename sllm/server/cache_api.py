@@ -14,6 +14,11 @@ Routes (behind the API key like every route but ``/health``; ``MODEL`` may hold 
   back before the DRAM entry goes). Nothing is removed when a tier refuses first.
 - ``POST /v1/cache/MODEL/pull?tier=dram|ssd``: a :class:`~sllm.core.cache.PullResult`;
   default: DRAM when the node has a DRAM tier, else SSD.
+- ``POST /v1/cache/MODEL/load``: make the model resident on the device (the device tier's
+  "pull"; ``schedule-plan --apply``), through :meth:`ModelManager.acquire` and ``release``,
+  so it queues like any cold start and joins a load already in flight; a resident model is
+  left as it is. A :class:`LoadResult`. Errors as a completion's: 404 ``model_not_found``,
+  503 ``model_load_failed``, ``insufficient_memory``, ``model_pull_failed``, ``shutting_down``.
 
 Statuses: 400 a bad tier or model name (checked before any filesystem call), or a tier this
 node does not have; 404 the model is not in the tier(s), or not on the remote (a pull); 409
@@ -25,18 +30,47 @@ error of the node. These routes take the admin key when the node has one (``gate
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from sllm.errors import CacheError, CheckpointError, RemoteError, UsageError
 from sllm.io.remote import redact_url
 from sllm.server import schemas
 from sllm.server.catalog import check_model_name
-from sllm.server.models import Entry, ModelManager, NotInTier, TierConflict
+from sllm.server.gate import LOAD_HEADER
+from sllm.server.models import Entry, ModelLoadFailed, ModelManager, NotInTier, ShuttingDown, TierConflict
+from sllm.server.requests import unavailable
 
 #: Tiers that ``tier=`` may name, fastest first.
 TIERS = ("device", "dram", "ssd")
+
+
+class LoadResult(BaseModel):
+    """The answer of ``POST /v1/cache/MODEL/load``.
+
+    Attributes:
+        model: the model, now resident on the device.
+        tier: where its bytes came from: "local" (``--models``), "dram", "ssd" or "remote".
+        loaded: True when this call waited for a load (it started one, or joined one in
+            flight); False when the model was resident already (nothing was done).
+        load_seconds: the load's own seconds (from the loader's start; the pull included, the
+            queue not); 0 when ``loaded`` is False.
+        queue_seconds: what the load waited for the loader's queues and memory, seconds.
+        waited_seconds: what this call waited from its arrival (also ``x-sllm-load-seconds``).
+        nbytes: the model's weights, bytes.
+    """
+
+    model: str
+    tier: str
+    loaded: bool
+    load_seconds: float
+    queue_seconds: float
+    waited_seconds: float
+    nbytes: int
 
 
 def add_cache_routes(app: FastAPI, manager: ModelManager, error: Any) -> None:
@@ -91,6 +125,40 @@ def add_cache_routes(app: FastAPI, manager: ModelManager, error: Any) -> None:
         await manager.refresh()
         await manager.trim_pool()
         return dataclasses.asdict(result)
+
+    load_answers = {**guarded, **{s: {"description": d, "model": schemas.ErrorResponse} for s, d in (
+        (400, "a bad model name"), (404, "unknown model"),
+        (503, "the load or pull failed (same codes as a completion's), or the node is shutting down"))}}
+
+    @app.post("/v1/cache/{model:path}/load", response_model=LoadResult, responses=load_answers)
+    async def load(model: str) -> Any:
+        return await _load(manager, model)
+
+
+async def _load(manager: ModelManager, model: str) -> Any:
+    """Lease ``model`` (loading it if it is not resident) and give the lease back at once:
+    :class:`LoadResult`, or the 503 a completion would get.
+
+    Raises:
+        ModelNotFound: unknown name (404). UsageError: a name too long (400).
+    """
+    if not check_model_name(model):
+        raise manager.not_found(model)
+    t0 = time.monotonic()
+    try:
+        lease = await manager.acquire(model)
+    except (ModelLoadFailed, ShuttingDown) as exc:
+        return unavailable(exc, time.monotonic() - t0)
+    try:
+        res = lease.resident
+        loaded = res.loaded_at >= lease.arrived
+        cold = manager.entries[model].cold if loaded else None
+        body = LoadResult(model=model, tier=res.tier, loaded=loaded, load_seconds=res.load_seconds if loaded else 0.0,
+                          queue_seconds=cold.queue_seconds if cold is not None else 0.0,
+                          waited_seconds=lease.load_seconds, nbytes=res.nbytes)
+    finally:
+        manager.release(lease)
+    return JSONResponse(body.model_dump(), headers={LOAD_HEADER: f"{lease.load_seconds:.6f}"})
 
 
 def _tiers(manager: ModelManager, tier: str | None, allowed: tuple[str, ...] = TIERS) -> list[str]:

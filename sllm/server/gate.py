@@ -6,8 +6,8 @@
    its traceback, and answered with a 500 in OpenAI's error shape (if the response has not
    started); it is not re-raised, so the server does not log it a second time.
 2. **Keys.** Every route but ``/health`` needs ``Authorization: Bearer KEY`` when the node
-   has an API key; the cache routes (``/v1/cache...``: pin, evict, pull) and the migration routes
-   (``/v1/migrations...``) need the admin key
+   has an API key; the cache routes (``/v1/cache...``: pin, evict, pull, load) and the migration
+   routes (``/v1/migrations...``) need the admin key
    when one is set, else the API key. Keys are compared as bytes in constant time, so a
    header that is not ASCII is a 401 like any wrong key, never an error.
 3. **Body size.** A body over ``max_body_bytes`` is a 413 before it is read: by its

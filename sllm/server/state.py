@@ -55,7 +55,7 @@ class ServeConfig:
             None for no limit. Least recently used idle models unload to make room.
         api_key: when set, every route but ``/health`` needs ``Authorization: Bearer <key>``
             (ASCII only; compared as bytes in constant time).
-        admin_key: the key of the cache routes (``/v1/cache/...``: pin, evict, pull) and
+        admin_key: the key of the cache routes (``/v1/cache/...``: pin, evict, pull, load) and
             ``/status``; None (default): the same as ``api_key``.
         drain_seconds: on SIGTERM, how long generations in flight may run to their end
             before they are ended with an error event, seconds (default 30).
