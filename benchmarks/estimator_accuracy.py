@@ -6,11 +6,13 @@ A program, not a test: it prints tables and one JSON line, and asserts nothing o
    to the sllm format), puts them on a remote served over HTTP on loopback and throttled
    (a child process, ``benchmarks/tier_pipeline.py``'s server), and profiles the node as
    ``sllm load-bench --tiers`` does (SSD cold read, DRAM, one remote pull of a probe model,
-   the loader's fixed cost). Then, for each model and each tier, it measures the cold start
+   the loader's fixed cost, and each tier's load path on the probe: fixed cost and
+   bandwidth). Then, for each model and each tier, it measures the cold start
    the way ``sllm serve`` does it (``NodeTiers.fetch`` then the load from the DRAM lease):
    from the remote (an empty cache), from SSD (DRAM entry evicted, page cache evicted) and
    from DRAM (a hit), and compares the median with
-   :func:`sllm.core.estimator.estimate_load` on that profile.
+   :func:`sllm.core.estimator.estimate_load` on that profile, and on the same profile
+   without the load paths (the stage model that older profiles get).
 2. **Migration estimate.** It times prefills of the largest model at several prompt lengths,
    fits ``a * tokens + b`` (:func:`sllm.core.estimator.fit_prefill`) on every other length
    and predicts the others.
@@ -113,8 +115,14 @@ def measure_loads(models: dict[str, Path], url: str, work: Path, runs: int) -> l
 
 
 def profile(models: dict[str, Path], url: str, work: Path, runs: int):
-    """The node profile as ``load-bench --tiers`` measures it, with the middle model as the probe."""
+    """The node profile as ``load-bench --tiers`` measures it, with the middle model as the
+    probe: the tiers' bandwidths, the loader's fixed cost, and each tier's load path (the
+    probe's cold start from each tier the way ``sllm serve`` does it, split into a fixed
+    cost and a bandwidth: :func:`sllm.core.loadpath.measure_load_paths`)."""
+    from dataclasses import replace
+
     from sllm.core.format import open_checkpoint
+    from sllm.core.loadpath import measure_load_paths
     from sllm.core.profile import (
         TierBandwidth,
         build_profile,
@@ -129,37 +137,22 @@ def profile(models: dict[str, Path], url: str, work: Path, runs: int):
     ssd = measure_ssd(work, 256 << 20, runs=runs)
     dram = measure_dram_to_device(256 << 20, runs=runs)
     fixed = measure_loader_fixed_seconds(probe)
-    pulls = []
-    for run in range(runs):  # the remote tier: a pull into SSD + DRAM, as profile_node's
-        cache_dir = work / f"probe-cache-{run}"
-        tiers = node_tiers(cache_dir, url, nbytes)
-        try:
-            started = time.perf_counter()
-            fetched = tiers.fetch(probe_name)
-            pulls.append(time.perf_counter() - started)
-            fetched.close()
-        finally:
-            tiers.close()
-            shutil.rmtree(cache_dir, ignore_errors=True)
-    pull = statistics.median(pulls)
-    remote = TierBandwidth("remote", nbytes / pull / 1e9, nbytes, pull, 0, "pull into SSD and DRAM, pipelined", url)
-    return build_profile({"ssd": ssd, "dram": dram, "remote": remote}, loader_fixed_seconds=fixed, name="this-node")
+    paths = measure_load_paths(probe, remote_url=url, remote_model=probe_name, work_dir=work, runs=runs,
+                               dram_gbps=dram.gbps)
+    r = paths["remote"]
+    remote = TierBandwidth("remote", r.gbps or nbytes / r.seconds / 1e9, nbytes, r.seconds, 0,
+                           "pull into SSD and DRAM, pipelined", url)
+    tiers = {"ssd": ssd, "dram": dram, "remote": remote}
+    tiers = {t: replace(b, load_fixed_seconds=paths[t].fixed_seconds, load_gbps=paths[t].gbps) for t, b in tiers.items()}
+    return build_profile(tiers, loader_fixed_seconds=fixed, name="this-node"), paths
 
 
-def load_path_profile(node, rows: list[dict]):
-    """The profile measured on the node's own load path with the probe model (as ``load-bench
-    --tiers`` loads one model from each tier): the fixed cost is its DRAM-hit cold start (no
-    copy on the CPU: lease, side files, skeleton), and each tier's bandwidth is its bytes over
-    what that tier's cold start took beyond the fixed cost."""
+def stage_model(node):
+    """``node`` without its tiers' load paths: what an older profile gives the estimator (the
+    stage model: bandwidth per stage + one loader fixed cost)."""
     from dataclasses import replace
 
-    probe = {r["tier"]: r for r in rows if r["model"] == SIZES[1][0]}
-    fixed = probe["dram"]["measured_seconds"]
-    nbytes = probe["dram"]["nbytes"]
-    tiers = dict(node.tiers)
-    for tier in ("ssd", "remote"):
-        tiers[tier] = replace(tiers[tier], gbps=nbytes / (probe[tier]["measured_seconds"] - fixed) / 1e9)
-    return replace(node, tiers=tiers, loader_fixed_seconds=fixed)
+    return replace(node, tiers={t: replace(s, load_fixed_seconds=None, load_gbps=None) for t, s in node.tiers.items()})
 
 
 def prefill_rows(path: Path, runs: int) -> tuple[list[dict], object]:
@@ -212,18 +205,19 @@ def main() -> int:
         return 0
     server = ChildServer(work / "remote", args.throttle_mbps * 1e6)
     try:
-        prof = profile(models, server.url, work, args.runs)
+        prof, paths = profile(models, server.url, work, args.runs)
         rows = measure_loads(models, server.url, work, args.runs)
     finally:
         server.close()
-    node = parse_node("this-node", prof.to_toml_dict()["node"], where="profile")
-    calibrated = load_path_profile(node, rows)
+    node = parse_node("this-node", prof.to_toml_dict()["node"], where="profile")  # as load-bench --tiers writes it
+    older = stage_model(node)
     for r in rows:
-        est = estimate_load(node, r["model"], r["tier"], r["nbytes"])
-        cal = estimate_load(calibrated, r["model"], r["tier"], r["nbytes"])
+        est = estimate_load(older, r["model"], r["tier"], r["nbytes"])
+        cal = estimate_load(node, r["model"], r["tier"], r["nbytes"])
         r.update(predicted_seconds=est.total_seconds, transfer_seconds=est.transfer_seconds,
                  fixed_seconds=est.fixed_seconds, error=err(est.total_seconds, r["measured_seconds"]),
-                 calibrated_seconds=cal.total_seconds, calibrated_error=err(cal.total_seconds, r["measured_seconds"]))
+                 calibrated_seconds=cal.total_seconds, calibrated_error=err(cal.total_seconds, r["measured_seconds"]),
+                 load_path_fixed_seconds=cal.fixed_seconds)
     pre, fit = prefill_rows(models[SIZES[-1][0]], args.runs)
     for r in pre:
         r["error"] = err(r["predicted_seconds"], r["measured_seconds"])
@@ -231,13 +225,13 @@ def main() -> int:
     print(f"node profile: ssd {prof.tiers['ssd'].gbps:.3f} GB/s ({prof.tiers['ssd'].threads} threads), "
           f"dram {prof.tiers['dram'].gbps:.3f} GB/s, remote {prof.tiers['remote'].gbps:.3f} GB/s "
           f"(HTTP throttled to {args.throttle_mbps:g} MB/s), loader fixed {prof.loader_fixed_seconds * 1e3:.1f} ms")
-    print(f"load-path profile (probe {SIZES[1][0]}): ssd {calibrated.tiers['ssd'].gbps:.3f} GB/s, remote "
-          f"{calibrated.tiers['remote'].gbps:.3f} GB/s, fixed {calibrated.loader_fixed_seconds * 1e3:.1f} ms")
-    print(f"{'model':<11}{'MB':>7}  {'tier':<7}{'measured s':>11}{'probe-profile s':>16}{'error':>8}"
-          f"{'load-path s':>12}{'error':>8}")
+    print(f"load paths (probe {SIZES[1][0]}, as load-bench --tiers): " + ", ".join(
+        f"{t} fixed {p.fixed_seconds * 1e3:.1f} ms + bytes / {p.gbps or float('inf'):.3f} GB/s" for t, p in paths.items()))
+    print(f"{'model':<11}{'MB':>7}  {'tier':<7}{'measured s':>11}{'stage model s':>14}{'error':>8}"
+          f"{'load path s':>12}{'error':>8}")
     for r in rows:
         print(f"{r['model']:<11}{r['nbytes'] / 1e6:>7.0f}  {r['tier']:<7}{r['measured_seconds']:>11.3f}"
-              f"{r['predicted_seconds']:>16.3f}{r['error']:>8.1%}{r['calibrated_seconds']:>12.3f}"
+              f"{r['predicted_seconds']:>14.3f}{r['error']:>8.1%}{r['calibrated_seconds']:>12.3f}"
               f"{r['calibrated_error']:>8.1%}")
 
     def stats(key: str, subset: list[dict]) -> tuple[float, float]:
@@ -247,8 +241,10 @@ def main() -> int:
     med, p90 = stats("error", rows)
     others = [r for r in rows if r["model"] != SIZES[1][0]]
     cmed, cp90 = stats("calibrated_error", others)
-    print(f"load estimate error, probe profile: median {med:.1%}, P90 {p90:.1%} over {len(rows)} cases; "
-          f"load-path profile: median {cmed:.1%}, P90 {cp90:.1%} over the {len(others)} non-probe cases")
+    amed, ap90 = stats("calibrated_error", rows)
+    print(f"load estimate error, stage model (older profiles): median {med:.1%}, P90 {p90:.1%} over {len(rows)} "
+          f"cases; load paths (this profile): median {cmed:.1%}, P90 {cp90:.1%} over the {len(others)} non-probe "
+          f"cases (median {amed:.1%}, P90 {ap90:.1%} over all {len(rows)})")
     print(f"\nprefill fit on {fit.samples} lengths: a = {fit.a_seconds_per_token * 1e6:.1f} us/token, "
           f"b = {fit.b_seconds * 1e3:.1f} ms ({SIZES[-1][0]}, CPU)")
     print(f"{'tokens':>7}  {'role':<9}{'measured s':>11}{'predicted s':>12}{'error':>8}")
@@ -263,9 +259,10 @@ def main() -> int:
         "profile": prof.to_toml_dict()["node"]["tiers"], "loader_fixed_seconds": prof.loader_fixed_seconds,
         "loads": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items() if k != "runs"} for r in rows],
         "load_error_median": round(med, 4), "load_error_p90": round(p90, 4),
-        "load_path_profile": {"ssd_gbps": calibrated.tiers["ssd"].gbps, "remote_gbps": calibrated.tiers["remote"].gbps,
-                              "fixed_seconds": calibrated.loader_fixed_seconds},
+        "load_paths": {t: {"seconds": p.seconds, "fixed_seconds": p.fixed_seconds, "gbps": p.gbps}
+                       for t, p in paths.items()},
         "load_path_error_median": round(cmed, 4), "load_path_error_p90": round(cp90, 4),
+        "load_path_error_median_all": round(amed, 4), "load_path_error_p90_all": round(ap90, 4),
         "prefill_fit": {"a_seconds_per_token": fit.a_seconds_per_token, "b_seconds": fit.b_seconds,
                         "samples": fit.samples},
         "prefill": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()} for r in pre],

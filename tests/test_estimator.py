@@ -66,6 +66,31 @@ def test_pipeline_formula_matches_the_tier_pipeline_benchmark_shape():
     assert pipeline_seconds([], pipelined=True, chunks=4) == 0.0
 
 
+def load_path_node() -> NodeSpec:
+    """A CPU node whose ssd and dram tiers carry measured load paths; its remote does not."""
+    tiers = {"dram": TierSpec("dram", 10.0, load_fixed_seconds=0.003),  # a DRAM hit moves no bytes
+             "ssd": TierSpec("ssd", 2.0, load_fixed_seconds=0.02, load_gbps=2.5),
+             "remote": TierSpec("remote", 0.5)}
+    return NodeSpec("p", "http://p:1", device_kind="cpu", tiers=tiers, loader_fixed_seconds=0.1, chunk_bytes=GB // 4)
+
+
+def test_a_tiers_load_path_replaces_its_stages_and_the_loaders_fixed_cost():
+    n = load_path_node()
+    ssd = estimate_load(n, "m", "ssd", GB)  # 0.02 + 1 GB / 2.5 GB/s
+    assert [(s.name, s.gbps) for s in ssd.stages] == [("ssd load path", 2.5)]
+    assert ssd.transfer_seconds == pytest.approx(0.4) and ssd.fixed_seconds == 0.02
+    assert ssd.total_seconds == pytest.approx(0.42)
+    dram = estimate_load(n, "m", "dram", GB)
+    assert dram.transfer_seconds == 0 and dram.total_seconds == pytest.approx(0.003)
+    remote = estimate_load(n, "m", "remote", GB)  # no load path: the stage model, the loader's fixed cost
+    assert remote.stages[0].name == "remote->ssd+dram" and remote.fixed_seconds == 0.1
+    assert remote.total_seconds == pytest.approx(2.1)
+    # the queue counts each job with its own tier's figures: an SSD job 0.42 s, 0.12 s of it done
+    jobs = [LoaderJob("x", GB, "ssd", 0.12, True, "disk"), LoaderJob("y", GB // 2, "ssd", 0.0, False, "disk")]
+    assert queue_seconds(n, jobs, tier="ssd") == pytest.approx(0.3 + 0.22)
+    assert estimate_load(n, "m", "ssd", GB, queue=jobs).total_seconds == pytest.approx(0.52 + 0.42)
+
+
 def test_cpu_node_needs_no_copy_from_dram():
     n = NodeSpec("c", "http://c:1", device_kind="cpu", tiers={"ssd": TierSpec("ssd", 2.0)}, loader_fixed_seconds=0.05,
                  chunk_bytes=GB // 4)

@@ -39,8 +39,11 @@ memory_bytes = 80000000000
 [nodes.b.tiers.ssd]
 gbps = 3.5
 capacity_bytes = 500000000000
+load_fixed_seconds = 0.017
+load_gbps = 2.9
 [nodes.b.tiers.dram]
 gbps = 7.8
+load_fixed_seconds = 0.002
 [nodes.b.loader]
 fixed_seconds = 0.008
 pipelined = false
@@ -63,6 +66,8 @@ def test_parse_sample(tmp_path):
     assert b.url == "http://127.0.0.1:9002" and b.device_kind == "cuda" and b.device_count == 2
     assert list(b.tiers) == ["dram", "ssd"] and b.tiers["ssd"].capacity_bytes == 500_000_000_000
     assert b.loader_fixed_seconds == 0.008 and b.pipelined is False and b.memory_budget_bytes == 4_000_000_000
+    assert (b.tiers["ssd"].load_fixed_seconds, b.tiers["ssd"].load_gbps) == (0.017, 2.9)
+    assert (b.tiers["dram"].load_fixed_seconds, b.tiers["dram"].load_gbps) == (0.002, None)
     assert b.api_key({"KEY_B": "s3cret"}) == "s3cret" and inv.nodes["a"].api_key({}) is None
     assert b.admin_key({"KEY_B": "s3cret", "ADMIN_B": "root"}) == "root"
     assert inv.nodes["a"].admin_key({}) is None and replace(b, admin_key_env=None).admin_key({"KEY_B": "k"}) == "k"
@@ -78,6 +83,9 @@ def test_parse_sample(tmp_path):
     ('[nodes.a]\nurl = "http://x"\n[nodes.a.device]\ncount = 0', "device.count = 0"),
     ('[nodez.a]\nurl = "http://x"', "unknown top-level key(s) nodez"),
     ('[nodes.a]\nurl = "http://x"\nadmin_key_env = 3', "nodes.a: admin_key_env = 3"),
+    ('[nodes.a]\nurl = "http://x"\n[nodes.a.tiers.ssd]\ngbps = 1\nload_gbps = 0', "tiers.ssd.load_gbps = 0"),
+    ('[nodes.a]\nurl = "http://x"\n[nodes.a.tiers.ssd]\ngbps = 1\nload_fixed_seconds = -1',
+     "tiers.ssd.load_fixed_seconds = -1"),
     ('[models.m]\nnbytes = "big"', "models.m: nbytes = 'big'"),
     ("[nodes.a\n", "not valid TOML"),
 ])

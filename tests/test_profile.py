@@ -9,6 +9,8 @@ import subprocess
 import sys
 import tomllib
 
+import pytest
+
 from sllm.core.profile import TierBandwidth, build_profile, measure_ssd, read_profile, write_profile
 
 
@@ -33,6 +35,15 @@ def test_load_bench_tiers_writes_profile(tiny_sllm_gpt2, tmp_path):
     assert set(node["tiers"]) == {"ssd", "dram", "remote"}
     assert all(t["gbps"] > 0 and t["seconds"] > 0 for t in node["tiers"].values())
     assert node["tiers"]["remote"]["nbytes"] == nbytes
+    # each tier's load path, measured as sllm serve loads: a fixed cost, and a bandwidth where bytes move
+    assert all(0 <= load["fixed_seconds"] <= load["seconds"] for load in out["loads"])
+    assert [load["fixed_seconds"] for load in out["loads"]] == pytest.approx(
+        [node["tiers"][t]["load_fixed_seconds"] for t in ("remote", "ssd", "dram")], abs=1e-6)
+    assert "load_gbps" not in node["tiers"]["dram"] and node["tiers"]["remote"]["load_gbps"] > 0
+    from sllm.core.inventory import parse_node
+
+    spec = parse_node("n", {**node, "url": "http://127.0.0.1:1"}, where=str(profile_path))
+    assert spec.tiers["ssd"].load_fixed_seconds == node["tiers"]["ssd"]["load_fixed_seconds"]
     assert node["host"]["cpus"] == os.cpu_count()
     assert node["loader"]["fixed_seconds"] >= 0
     assert not list(tmp_path.glob("ssd/.sllm-tmp-*"))  # the probe cache and probe file are gone

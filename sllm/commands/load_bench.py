@@ -214,7 +214,11 @@ def load_bench(
 
     With --tiers it profiles the node instead: cold SSD bandwidth (O_DIRECT, best thread
     count), DRAM-to-device bandwidth, the remote's (with --remote), the loader's fixed cost
-    per load, and the same model loaded from each tier; the profile goes to --profile.
+    per load, and the same model loaded from each tier the way `sllm serve` loads it (the
+    tier cache brings it to DRAM, then the model is built on the DRAM lease), split into
+    each tier's fixed cost and load-path bandwidth (the slope of the pull's own progress;
+    the host-to-device copy for a DRAM hit on a GPU), which the scheduler's estimates use
+    (tiers.T.load_fixed_seconds and load_gbps in the profile); the profile goes to --profile.
     """
     from sllm.core import bench
 
@@ -266,7 +270,8 @@ def _tiers(model_dir: Path, hf_dir: Path | None, work_dir: Path | None, device: 
         return
     table(f"storage tiers of {node.name}", ["tier", "GB/s", "seconds", "bytes", "threads", "how", "where"],
           [[b.tier, b.gbps, b.seconds, b.nbytes, b.threads, b.detail, b.location] for b in node.tiers.values()])
-    table(f"{prepared.sllm_dir.name}: model ready from each tier ({device})", ["tier", "seconds", "GB/s", "how"],
-          [[t.tier, t.seconds, t.gbps, t.detail] for t in loads])
+    table(f"{prepared.sllm_dir.name}: model ready from each tier ({device}), = fixed + bytes / load GB/s",
+          ["tier", "seconds", "GB/s", "fixed s", "load GB/s", "how"],
+          [[t.tier, t.seconds, t.gbps, t.fixed_seconds, t.load_gbps if t.load_gbps else "-", t.detail] for t in loads])
     print(f"loader fixed cost per load: {node.loader_fixed_seconds:.3f} s; profile written to {profile_path}",
           file=sys.stderr)

@@ -20,6 +20,14 @@
 - ``c(n)``: the loader's fixed cost (skeleton build, weight assignment), measured by
   ``load-bench --tiers``.
 
+When the node's profile has the **load path** of a tier (``tiers.T.load_fixed_seconds`` and
+``load_gbps``: a cold start from that tier timed the way ``sllm serve`` does it and split
+into a fixed part and a per-byte part, :mod:`sllm.core.loadpath`), a load from that tier is
+``q(n) + nbytes / load_gbps + load_fixed_seconds`` instead: one stage, the tier's own
+fixed cost. Each tier's fixed costs differ (a pull's metadata round trips and entry commit,
+an SSD entry's lease and side files); one node-wide ``c(n)`` misestimates the small, fast
+loads where they dominate (``benchmarks/estimator_accuracy.py``).
+
 **Migration time** of a running request (paper §6.2)::
 
     t_mig = a * (prompt tokens + generated tokens) + b
@@ -39,7 +47,7 @@ import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sllm.core.inventory import RESOURCE_OF, LoaderJob, NodeSpec, PrefillFit
+from sllm.core.inventory import RESOURCE_OF, LoaderJob, NodeSpec, PrefillFit, TierSpec
 
 #: Tiers a load can start from, fastest first ("device": resident, nothing to load).
 SOURCE_TIERS = ("device", "dram", "ssd", "remote")
@@ -82,7 +90,7 @@ class LoadEstimate:
         chunks: the pipeline's chunk count ``k``.
         transfer_seconds: the stages' combined time (formula in the module docstring).
         queue_seconds: the wait in the node's loader queue.
-        fixed_seconds: the loader's fixed cost.
+        fixed_seconds: the fixed cost (the tier's load path's, else the loader's).
         total_seconds: queue + transfer + fixed (0 for "device").
     """
 
@@ -126,8 +134,22 @@ def _gbps(node: NodeSpec, tier: str, fallback: float | None = None) -> float:
     raise EstimateError(f"node {node.name}: no measured {tier} bandwidth (tiers.{tier}.gbps in the inventory)")
 
 
+def _load_path(node: NodeSpec, tier: str) -> TierSpec | None:
+    """The tier's spec when the profile has its measured load path, else None."""
+    spec = node.tiers.get(tier)
+    return spec if spec is not None and spec.load_fixed_seconds is not None else None
+
+
+def fixed_seconds(node: NodeSpec, tier: str) -> float:
+    """The fixed cost of a load from ``tier`` on ``node``, seconds: the tier's measured
+    load-path fixed cost when the profile has one, else the loader's (module docstring)."""
+    path = _load_path(node, tier)
+    return path.load_fixed_seconds if path is not None else node.loader_fixed_seconds  # type: ignore[return-value]
+
+
 def transfer_stages(node: NodeSpec, tier: str, nbytes: int, *, remote_gbps: float | None = None) -> list[Stage]:
-    """The stages moving ``nbytes`` from ``tier`` to ``node``'s device (module docstring).
+    """The stages moving ``nbytes`` from ``tier`` to ``node``'s device (module docstring):
+    one "T load path" stage when the profile has the tier's load path.
 
     Args:
         node: the node's profile. tier: "device", "dram", "ssd" or "remote".
@@ -141,6 +163,10 @@ def transfer_stages(node: NodeSpec, tier: str, nbytes: int, *, remote_gbps: floa
         raise ValueError(f"unknown tier {tier!r}; choose {', '.join(SOURCE_TIERS)}")
     if tier == "device":
         return []
+    path = _load_path(node, tier)
+    if path is not None:
+        g = path.load_gbps
+        return [Stage(f"{tier} load path", nbytes, g, nbytes / (g * 1e9) if g else 0.0)]
     stages: list[Stage] = []
     if tier == "remote":
         g = _gbps(node, "remote", remote_gbps)
@@ -196,7 +222,7 @@ def queue_seconds(node: NodeSpec, jobs: Iterable[LoaderJob], *, remote_gbps: flo
     for job in jobs:
         if tier is not None and job.resource != "" and job.resource != RESOURCE_OF[tier]:
             continue
-        est = node.loader_fixed_seconds
+        est = fixed_seconds(node, job.tier) if job.tier in SOURCE_TIERS else node.loader_fixed_seconds
         if job.nbytes and job.tier in SOURCE_TIERS:
             est += estimate_transfer(node, job.tier, job.nbytes, remote_gbps=remote_gbps)
         total += max(0.0, est - (job.elapsed_seconds if job.running else 0.0))
@@ -231,7 +257,7 @@ def estimate_load(
     chunks = max(1, math.ceil(nbytes / node.chunk_bytes))
     transfer = pipeline_seconds(stages, pipelined=node.pipelined, chunks=chunks)
     queued = queue_seconds(node, queue, remote_gbps=remote_gbps, tier=tier)
-    fixed = node.loader_fixed_seconds
+    fixed = fixed_seconds(node, tier)
     return LoadEstimate(node.name, model, tier, nbytes, stages, node.pipelined, chunks, transfer, queued, fixed,
                         queued + transfer + fixed)
 

@@ -35,6 +35,8 @@ The TOML format (``man sllm-schedule-plan``)::
     [nodes.a.tiers.ssd]
     gbps = 3.51                   # measured cold read GB/s
     capacity_bytes = 500000000000
+    load_fixed_seconds = 0.017    # a cold start from this tier on the real load path:
+    load_gbps = 2.93              #   fixed + bytes / load_gbps (optional, per tier; see below)
     [nodes.a.tiers.dram]
     gbps = 7.80                   # DRAM -> device GB/s
     capacity_bytes = 64000000000
@@ -47,6 +49,12 @@ The TOML format (``man sllm-schedule-plan``)::
     prefill_a_seconds_per_token = 0.0001
     prefill_b_seconds = 0.02
     decode_seconds_per_token = 0.02
+
+``load_fixed_seconds`` and ``load_gbps`` (any tier; written by ``load-bench --tiers``, which
+times a cold start from each tier the way ``sllm serve`` does it: :mod:`sllm.core.loadpath`)
+replace that tier's stage model and the loader's fixed cost in the estimate: a load from the
+tier takes ``load_fixed_seconds + bytes / load_gbps`` (no ``load_gbps``: the fixed part only,
+as a DRAM hit on the CPU). Profiles without them are read as before.
 
 It does not estimate or decide: :mod:`sllm.core.estimator` and :mod:`sllm.core.scheduler` do.
 """
@@ -90,12 +98,19 @@ class TierSpec:
         capacity_bytes: bytes the tier may hold; None: unbounded or unknown.
         write_gbps: for "ssd", the write bandwidth when measured separately (then a remote
             pull is modelled as two pipelined stages, download and write); None otherwise.
+        load_fixed_seconds: the fixed cost of a cold start from this tier on the node's real
+            load path (``load-bench --tiers``, :mod:`sllm.core.loadpath`), seconds; None
+            (older profiles): the stage model (``gbps`` per stage + the loader's fixed cost).
+        load_gbps: that path's bandwidth, GB/s; None with ``load_fixed_seconds`` set: no
+            bytes move (a DRAM hit on the CPU).
     """
 
     tier: str
     gbps: float
     capacity_bytes: int | None = None
     write_gbps: float | None = None
+    load_fixed_seconds: float | None = None
+    load_gbps: float | None = None
 
 
 @dataclass(frozen=True)
@@ -227,12 +242,14 @@ def parse_node(name: str, data: Mapping[str, Any], *, where: str) -> NodeSpec:
             raise InventoryError(f"{w}: tiers.{tier}: unknown tier (choose {', '.join(NODE_TIERS)})")
         entry = _table(w, f"tiers.{tier}", entry)
         cap = entry.get("capacity_bytes")
-        wg = entry.get("write_gbps")
+        wg, lf, lg = entry.get("write_gbps"), entry.get("load_fixed_seconds"), entry.get("load_gbps")
         tiers[tier] = TierSpec(
             tier,
             _num(w, f"tiers.{tier}.gbps", entry.get("gbps"), positive=True),
             None if cap is None else _num(w, f"tiers.{tier}.capacity_bytes", cap, kind=int),
             None if wg is None else _num(w, f"tiers.{tier}.write_gbps", wg, positive=True),
+            None if lf is None else _num(w, f"tiers.{tier}.load_fixed_seconds", lf),
+            None if lg is None else _num(w, f"tiers.{tier}.load_gbps", lg, positive=True),
         )
     loader = _table(w, "loader", data.get("loader", {}))
     key_env, admin_env = data.get("api_key_env"), data.get("admin_key_env")
@@ -310,8 +327,9 @@ def node_entry(spec: NodeSpec) -> dict[str, Any]:
         e: dict[str, Any] = {"gbps": t.gbps}
         if t.capacity_bytes is not None:
             e["capacity_bytes"] = t.capacity_bytes
-        if t.write_gbps is not None:
-            e["write_gbps"] = t.write_gbps
+        for k in ("write_gbps", "load_fixed_seconds", "load_gbps"):
+            if getattr(t, k) is not None:
+                e[k] = getattr(t, k)
         out["tiers"][t.tier] = e
     out["loader"] = {"fixed_seconds": spec.loader_fixed_seconds, "pipelined": spec.pipelined,
                      "chunk_bytes": spec.chunk_bytes}

@@ -45,6 +45,10 @@ class TierBandwidth:
         threads: reader threads of the best setting (ssd), else 0.
         detail: how it was measured (e.g. "O_DIRECT, page cache evicted").
         location: the directory, URL or device measured.
+        load_fixed_seconds: the fixed cost of a cold start from this tier on the real load
+            path (:class:`sllm.core.loadpath.LoadPath`), seconds; None when not measured.
+        load_gbps: that path's bandwidth, GB/s; None when no bytes move (a DRAM hit on
+            the CPU) or not measured.
     """
 
     tier: str
@@ -54,6 +58,8 @@ class TierBandwidth:
     threads: int = 0
     detail: str = ""
     location: str = ""
+    load_fixed_seconds: float | None = None
+    load_gbps: float | None = None
 
 
 @dataclass(frozen=True)
@@ -91,9 +97,10 @@ class NodeProfile:
             "loader": {"fixed_seconds": round(self.loader_fixed_seconds, 6)},
         }
         for tier, bw in self.tiers.items():
-            entry = {k: v for k, v in asdict(bw).items() if k != "tier"}
-            entry["gbps"] = round(entry["gbps"], 4)
-            entry["seconds"] = round(entry["seconds"], 6)
+            entry = {k: v for k, v in asdict(bw).items() if k != "tier" and v is not None}  # TOML has no null
+            for k, digits in (("gbps", 4), ("seconds", 6), ("load_fixed_seconds", 6), ("load_gbps", 4)):
+                if k in entry:
+                    entry[k] = round(entry[k], digits)
             if tier in self.capacities:
                 entry["capacity_bytes"] = self.capacities[tier]
             node["tiers"][tier] = entry
@@ -279,6 +286,8 @@ class TierLoad:
         nbytes: checkpoint bytes.
         gbps: ``nbytes / seconds / 1e9``.
         detail: what that tier's load did.
+        fixed_seconds: its fixed part (:class:`sllm.core.loadpath.LoadPath`), seconds.
+        load_gbps: its per-byte part as a bandwidth, GB/s (None: no bytes move).
     """
 
     tier: str
@@ -286,45 +295,8 @@ class TierLoad:
     nbytes: int
     gbps: float
     detail: str
-
-
-def _timed_load(model_dir: Path, device: str, pool: Any) -> float:
-    from sllm.core.loader import load_model, release
-
-    started = time.perf_counter()
-    model = load_model(model_dir, device, pool=pool)
-    seconds = time.perf_counter() - started
-    release(model)
-    return seconds
-
-
-def _remote_load(remote_url: str, model: str, device: str, nbytes: int, work_dir: Path) -> tuple[float, float]:
-    """Pull ``model`` from ``remote_url`` into an empty cache (SSD + DRAM, pipelined) and
-    build it from the DRAM entry. Returns (pull seconds, model-ready seconds)."""
-    import shutil
-
-    from sllm.core.cache import CacheConfig, TierCache
-    from sllm.core.loader import load_model_from_host, release
-    from sllm.core.pool import HostMemoryPool
-    from sllm.io.remote import RemoteConfig
-
-    cache_dir = temporary_sibling(work_dir / "tier-probe-cache")
-    config = CacheConfig(
-        cache_dir=cache_dir, dram_capacity_bytes=2 * nbytes + (64 << 20), remote_url=remote_url,
-        remote=RemoteConfig.from_env(os.environ),
-    )
-    cache = TierCache(config, pool=HostMemoryPool(2 * nbytes + (64 << 20)))
-    try:
-        started = time.perf_counter()
-        lease = cache.acquire(model)
-        pulled = time.perf_counter()
-        loaded = load_model_from_host(lease, device)
-        ready = time.perf_counter()
-        release(loaded)
-    finally:
-        cache.close()
-        shutil.rmtree(cache_dir, ignore_errors=True)
-    return pulled - started, ready - started
+    fixed_seconds: float = 0.0
+    load_gbps: float | None = None
 
 
 def profile_node(
@@ -338,7 +310,9 @@ def profile_node(
     runs: int = 3,
     address: str = "http://127.0.0.1:8343",
 ) -> tuple[NodeProfile, list[TierLoad]]:
-    """Measure this node's tiers and load ``model_dir`` from each, side by side.
+    """Measure this node's tiers, and load ``model_dir`` from each the way ``sllm serve``
+    does (:func:`sllm.core.loadpath.measure_load_paths`), recording each tier's load-path
+    fixed cost and bandwidth in the profile.
 
     Args:
         model_dir: a converted checkpoint on the SSD tier's filesystem.
@@ -355,8 +329,10 @@ def profile_node(
         CheckpointError: ``model_dir`` is not a valid checkpoint. RemoteError, CacheError:
         the remote pull failed.
     """
+    from dataclasses import replace
+
     from sllm.core.format import open_checkpoint
-    from sllm.core.pool import HostMemoryPool
+    from sllm.core.loadpath import measure_load_paths
 
     model_dir = Path(model_dir)
     ckpt = open_checkpoint(model_dir)
@@ -367,20 +343,19 @@ def profile_node(
         "dram": measure_dram_to_device(probe, device=device, runs=runs),
     }
     fixed = measure_loader_fixed_seconds(model_dir)
-    loads: list[TierLoad] = []
-    if remote_url:
-        pull_seconds, ready = _remote_load(remote_url, remote_model or model_dir.name, device, nbytes, model_dir.parent)
+    paths = measure_load_paths(model_dir, device=device, remote_url=remote_url, remote_model=remote_model,
+                               work_dir=model_dir.parent, runs=runs, dram_gbps=tiers["dram"].gbps)
+    if "remote" in paths:
+        r = paths["remote"]
         tiers["remote"] = TierBandwidth(
-            "remote", nbytes / pull_seconds / 1e9, nbytes, pull_seconds, 0,
-            "pull into SSD and DRAM, pipelined by chunk", remote_url,
+            "remote", r.gbps or nbytes / r.seconds / 1e9, nbytes, r.seconds, 0,
+            "pull into SSD and DRAM, pipelined by chunk (GB/s: the pull's streaming rate)", remote_url or "",
         )
-        loads.append(TierLoad("remote", ready, nbytes, nbytes / ready / 1e9, "remote -> SSD + DRAM, then build"))
-    pool = HostMemoryPool()
-    pool.reserve([p.nbytes for p in ckpt.manifest.partitions])  # as a server does at start
-    for part in range(len(ckpt.manifest.partitions)):
-        evict_page_cache(ckpt.partition_path(part))
-    ssd_seconds = _timed_load(model_dir, device, pool)
-    loads.append(TierLoad("ssd", ssd_seconds, nbytes, nbytes / ssd_seconds / 1e9, "page cache evicted, O_DIRECT"))
-    dram_seconds = _timed_load(model_dir, device, pool)
-    loads.append(TierLoad("dram", dram_seconds, nbytes, nbytes / dram_seconds / 1e9, "bytes still in the host pool"))
+    for tier, path in paths.items():
+        tiers[tier] = replace(tiers[tier], load_fixed_seconds=path.fixed_seconds, load_gbps=path.gbps)
+    how = {"remote": "remote -> SSD + DRAM pipelined, then built on the DRAM lease (as sllm serve)",
+           "ssd": "SSD -> DRAM (page cache evicted), then built on the DRAM lease",
+           "dram": "a DRAM hit, built on the lease"}
+    loads = [TierLoad(t, p.seconds, nbytes, nbytes / p.seconds / 1e9, how[t], p.fixed_seconds, p.gbps)
+             for t in ("remote", "ssd", "dram") if (p := paths.get(t)) is not None]
     return build_profile(tiers, loader_fixed_seconds=fixed, address=address), loads

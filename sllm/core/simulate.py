@@ -4,7 +4,7 @@ A discrete-event simulation (SimPy) of the inventory's nodes serving a list of
 :class:`~sllm.core.workload.Request`, under one placement policy. It reuses the real
 decision code: at each arrival the policy sees every node's :class:`NodeState` built from
 the simulated state and (for ``sllm``) calls :func:`sllm.core.scheduler.plan`; every load
-takes :func:`sllm.core.estimator.estimate_transfer` plus the loader's fixed cost; migrations
+takes :func:`sllm.core.estimator.estimate_transfer` plus the tier's fixed cost; migrations
 take :func:`~sllm.core.estimator.estimate_migration`. Only the engines and links are
 modelled:
 
@@ -41,7 +41,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sllm.core.estimator import DEFAULT_FIT, estimate_migration, estimate_transfer, prefill_seconds
+from sllm.core.estimator import DEFAULT_FIT, estimate_migration, estimate_transfer, fixed_seconds, prefill_seconds
 from sllm.core.inventory import (
     RESOURCE_OF,
     Inventory,
@@ -377,7 +377,8 @@ class Simulation:
         node.jobs.append(job)
         resource = {"link": node.link, "disk": node.disk}.get(job.resource or "")
         seconds = estimate_transfer(node.spec, tier, nbytes, remote_gbps=self.inventory.remote_gbps)
-        job.work_seconds = seconds + node.spec.loader_fixed_seconds
+        fixed = fixed_seconds(node.spec, tier)
+        job.work_seconds = seconds + fixed
         try:
             if resource is None:  # a DRAM hit queues for nothing
                 job.start = env.now
@@ -395,7 +396,7 @@ class Simulation:
                     continue
                 yield node._freed
             node.reserved += nbytes
-            yield env.timeout(node.spec.loader_fixed_seconds)
+            yield env.timeout(fixed)
             node.reserved -= nbytes
             node.instances[model] = _Instance(model, nbytes, env.now)
             protected = set(node.instances) if node.spec.device_kind == "cpu" else set()

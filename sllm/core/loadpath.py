@@ -1,0 +1,195 @@
+"""The load path per tier: a model's cold start from the remote, from SSD and from DRAM,
+timed the way ``sllm serve`` does it, and fitted as ``seconds = fixed + bytes / bandwidth``.
+
+``sllm serve`` starts a cold model in two steps (``sllm/server/tiers.py``): the tier cache
+brings the bytes to DRAM (:meth:`TierCache.pull_for_load`: a DRAM hit leases them at once,
+an SSD entry is read into DRAM, a remote model is pulled remote -> SSD + DRAM pipelined by
+chunk), then the model is built on the DRAM lease (:func:`sllm.core.loader.load_model_from_host`:
+skeleton, views or the host-to-device copy). :func:`measure_load_paths` runs exactly those
+calls on one checkpoint from each tier, ``runs`` times each in a fresh cache directory.
+
+Each tier's figures (:class:`LoadPath`) come from one model, so the split of its time into a
+fixed part and a per-byte part uses the bandwidth *inside* that path: the bytes-over-time
+slope of the pull's own progress reports (remote, SSD), or the measured host-to-device
+bandwidth (DRAM on a GPU; on the CPU a DRAM hit moves no bytes: all of it is fixed cost).
+Then ``fixed = seconds - bytes / bandwidth``. The fixed parts differ per tier (a pull's
+metadata round trips and entry commit, the SSD entry's lease and side files, the skeleton);
+one node-wide fixed cost cannot stand for all of them (``benchmarks/estimator_accuracy.py``).
+
+The estimator (:mod:`sllm.core.estimator`) uses these figures when a node's profile has
+them. This module measures; it decides nothing and knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Tiers a load path is measured from, in the order a run visits them.
+PATH_TIERS = ("remote", "dram", "ssd")
+
+
+@dataclass(frozen=True)
+class LoadPath:
+    """A tier's load path on this node.
+
+    Attributes:
+        tier: "remote", "ssd" or "dram".
+        seconds: median cold start from that tier to a ready model, seconds.
+        nbytes: the checkpoint's bytes.
+        fixed_seconds: the part that does not grow with the bytes, seconds (>= 0).
+        gbps: the path's bandwidth, GB/s (1e9 B/s); None when no bytes move (a DRAM hit on the CPU).
+        runs: every run's seconds.
+    """
+
+    tier: str
+    seconds: float
+    nbytes: int
+    fixed_seconds: float
+    gbps: float | None
+    runs: tuple[float, ...] = ()
+
+    def predict(self, nbytes: int) -> float:
+        """``fixed_seconds + nbytes / gbps``: the estimate for a checkpoint of ``nbytes``."""
+        return self.fixed_seconds + (nbytes / (self.gbps * 1e9) if self.gbps else 0.0)
+
+
+def stream_gbps(points: list[tuple[float, int]], skip_bytes: int = 0) -> float | None:
+    """The bandwidth of a transfer from its progress reports: the least-squares slope of
+    bytes done over seconds, GB/s, over the reports past ``skip_bytes`` (the small files a
+    pull fetches first, one request each); None with under 3 such reports or no progress.
+
+    Args:
+        points: (seconds since the start, bytes done so far), in order.
+    """
+    pts = [(t, b) for t, b in points if b > skip_bytes]
+    if len(pts) < 3 or len({t for t, _ in pts}) < 2:
+        return None
+    slope, _ = statistics.linear_regression([t for t, _ in pts], [float(b) for _, b in pts])
+    return slope / 1e9 if slope > 0 else None
+
+
+def _timed(cache, model: str, device: str) -> tuple[float, str, list[tuple[float, int]], int]:
+    """One cold start as ``sllm serve`` does it: (seconds, the tier the bytes came from,
+    progress points, bytes of the small files fetched before the weights)."""
+    from sllm.core.loader import load_model_from_host, release
+
+    points: list[tuple[float, int]] = []
+    started = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        points.append((time.perf_counter() - started, done))
+
+    result, lease = cache.pull_for_load(model, on_progress=progress)
+    assert lease is not None, "the DRAM tier had no room"
+    side = sum(len(v) for v in lease.files.values())
+    with tempfile.TemporaryDirectory(prefix="sllm-files-") as tmp:  # the side files, as NodeTiers.source writes them
+        for name, data in lease.files.items():
+            (Path(tmp) / name).write_bytes(data)
+        loaded = load_model_from_host(lease, device)
+    seconds = time.perf_counter() - started
+    release(loaded)
+    return seconds, result.source, points, side
+
+
+def measure_load_paths(
+    model_dir: str | os.PathLike[str],
+    *,
+    device: str = "cpu",
+    remote_url: str | None = None,
+    remote_model: str | None = None,
+    work_dir: str | os.PathLike[str] | None = None,
+    runs: int = 3,
+    dram_gbps: float | None = None,
+) -> dict[str, LoadPath]:
+    """Time ``model_dir``'s cold start from each tier through the tier cache and the loader,
+    as ``sllm serve`` starts a model (module docstring), and fit each tier's fixed cost and
+    bandwidth.
+
+    Each run uses a fresh cache directory under ``work_dir`` (default: the model's parent):
+    the remote pull when ``remote_url`` is given (else the model is copied into the SSD tier
+    from a directory remote, untimed), a DRAM hit, then the DRAM entry evicted and the page
+    cache dropped, a read from SSD. One untimed load first pays transformers' lazy import.
+
+    Args:
+        model_dir: a converted checkpoint. device: where models are built.
+        remote_url: a remote holding it as ``remote_model`` (default: the directory's name).
+        runs: cold starts per tier; the median is kept.
+        dram_gbps: host-to-device bandwidth, GB/s, for the DRAM hit on a GPU (the copy is
+            its per-byte part); ignored on the CPU.
+
+    Returns: tier -> :class:`LoadPath` ("remote" only with ``remote_url``).
+
+    Raises:
+        CheckpointError: not a checkpoint. RemoteError, CacheError: a pull failed.
+    """
+    from sllm.core.cache import CacheConfig, TierCache
+    from sllm.core.format import open_checkpoint
+    from sllm.core.loader import load_model, release
+    from sllm.core.pool import HostMemoryPool
+    from sllm.io.reader import evict_page_cache
+    from sllm.io.remote import RemoteConfig
+
+    model_dir = Path(model_dir)
+    nbytes = open_checkpoint(model_dir).manifest.total_bytes
+    name = remote_model or model_dir.name
+    work = Path(work_dir or model_dir.parent)
+    release(load_model(model_dir, device))  # transformers' lazy import of the architecture, untimed
+    times: dict[str, list[float]] = {t: [] for t in PATH_TIERS}
+    rates: dict[str, list[float]] = {t: [] for t in PATH_TIERS}
+    local_remote = None
+    if not remote_url:  # a directory remote holding the model, to put it in the SSD tier
+        local_remote = Path(tempfile.mkdtemp(prefix=".sllm-tmp-load-path-remote-", dir=work))
+        (local_remote / name).symlink_to(model_dir.resolve(), target_is_directory=True)
+    try:
+        for _ in range(runs):
+            cache_dir = Path(tempfile.mkdtemp(prefix=".sllm-tmp-load-path-cache-", dir=work))
+            config = CacheConfig(cache_dir, dram_capacity_bytes=2 * nbytes + (64 << 20),
+                                 remote_url=remote_url or str(local_remote), remote=RemoteConfig.from_env(os.environ))
+            cache = TierCache(config, pool=HostMemoryPool())
+            try:
+                if remote_url:
+                    seconds, _, points, side = _timed(cache, name, device)
+                    times["remote"].append(seconds)
+                    _append(rates["remote"], stream_gbps(points, side))
+                else:
+                    cache.pull(name)  # into SSD only, untimed
+                if cache.dram is not None and cache.dram.has(name):
+                    times["dram"].append(_timed(cache, name, device)[0])
+                    cache.evict(name, "dram")
+                for f in cache.ssd.path_of(name).iterdir():
+                    evict_page_cache(f)
+                seconds, source, points, _ = _timed(cache, name, device)
+                assert source == "ssd", source
+                times["ssd"].append(seconds)
+                _append(rates["ssd"], stream_gbps(points))
+                if not remote_url:
+                    times["dram"].append(_timed(cache, name, device)[0])
+            finally:
+                cache.close()
+                shutil.rmtree(cache_dir, ignore_errors=True)
+    finally:
+        if local_remote is not None:
+            shutil.rmtree(local_remote, ignore_errors=True)
+    out = {}
+    for tier in PATH_TIERS:
+        if not times[tier]:
+            continue
+        seconds = statistics.median(times[tier])
+        if tier == "dram":
+            gbps = dram_gbps if device.startswith("cuda") else None
+        else:
+            gbps = statistics.median(rates[tier]) if rates[tier] else nbytes / seconds / 1e9
+        fixed = max(0.0, seconds - (nbytes / (gbps * 1e9) if gbps else 0.0))
+        out[tier] = LoadPath(tier, seconds, nbytes, fixed, gbps, tuple(times[tier]))
+    return out
+
+
+def _append(values: list[float], x: float | None) -> None:
+    if x is not None:
+        values.append(x)
