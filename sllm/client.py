@@ -77,6 +77,11 @@ class NodeClient:
         """``/v1/models`` entries: id, resident, nbytes, error. Raises: ServerError."""
         return self._request("GET", "/v1/models").json()["data"]
 
+    def model(self, model: str) -> dict[str, Any]:
+        """``/v1/models/MODEL``: id, resident, nbytes (for a model only the node's remote
+        holds, from the remote's manifest), tiers, error. Raises: ServerError (HTTP 404: unknown)."""
+        return self._request("GET", f"/v1/models/{urllib.parse.quote(model, safe='/')}").json()
+
     def status(self) -> dict[str, Any]:
         """``/status``. Raises: ServerError."""
         return self._request("GET", "/status").json()

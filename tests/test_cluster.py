@@ -178,13 +178,13 @@ def test_down_node_is_skipped(cluster):
 
 
 def test_apply_loads_the_model_on_the_best_node(cluster, models_dir):
-    # no node holds gpt2-b yet, so its size comes from the inventory's [models] table
-    plain = subprocess.run([sys.executable, "-m", "sllm", "schedule-plan", "gpt2-b", "--inventory",
-                            str(cluster.inventory)], capture_output=True, text=True, timeout=120,
-                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
-    assert plain.returncode == 1 and "size of 'gpt2-b' is unknown" in plain.stderr
+    # no node holds gpt2-b yet, and the inventory has no [models] entry: a node that can pull it
+    # reads its size from the remote's manifest (GET /v1/models/gpt2-b)
     nbytes = sum(f.stat().st_size for f in (models_dir / "gpt2-b").glob("partition-*.bin"))
-    cluster.inventory.write_text(cluster.inventory.read_text() + f'\n[models."gpt2-b"]\nnbytes = {nbytes}\n')
+    card = httpx.get(cluster.url("c") + "/v1/models/gpt2-b", timeout=30).json()
+    assert card["nbytes"] == nbytes and card["tiers"] == ["remote"]
+    doc = plan_json(cluster, "gpt2-b")
+    assert doc["nbytes"] == nbytes and {o["tier"] for o in doc["options"]} == {"remote"}
     r = subprocess.run([sys.executable, "-m", "sllm", "schedule-plan", "gpt2-b", "--inventory", str(cluster.inventory),
                         "--apply", "--no-migration", "--json", "--timeout", "2"], capture_output=True, text=True,
                        timeout=120, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})

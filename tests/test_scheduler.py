@@ -153,3 +153,27 @@ def test_unknown_size_and_oversized_models():
     assert o.action == "unavailable" and "budget" in o.reasons[0]
     reported = {"a": state("a", model_bytes={"q": 3 * GB})}
     assert plan("q", inv, reported).nbytes == 3 * GB
+
+
+def test_a_remote_only_models_size_is_asked_of_the_nodes_that_can_pull_it():
+    from sllm.core.scheduler import with_remote_size
+
+    inv = cluster("a", "b", "c", "d")
+    asked: list[str] = []
+
+    def ask(spec):
+        asked.append(spec.name)
+        if spec.name == "b":
+            raise RuntimeError("no answer")  # skipped like a down node
+        return 2 * GB
+
+    states = {"a": state("a", has_remote=False), "b": state("b"), "c": state("c"), "d": state("d"),
+              "e": NodeState("e", up=False, error="down")}
+    sized = with_remote_size("q", inv, states, ask)
+    assert asked == ["b", "c"] and sized.model_bytes["q"] == 2 * GB and "q" not in inv.model_bytes
+    assert plan("q", sized, states).nbytes == 2 * GB
+    asked.clear()
+    assert with_remote_size("m", inv, states, ask) is inv and asked == []  # known: nobody is asked
+    nobody = with_remote_size("q", inv, states, lambda spec: None)
+    with pytest.raises(SchedulingError, match="size of 'q' is unknown"):
+        plan("q", nobody, states)

@@ -20,7 +20,8 @@ The TOML format (``man sllm-schedule-plan``)::
     url = "s3://bucket/models"
     gbps = 0.5                    # default download GB/s for nodes without a measured one
 
-    [models."opt-1.3b"]           # sizes of models no node reports (optional)
+    [models."opt-1.3b"]           # sizes of models no node reports (optional; without one, a
+                                  # node that can pull the model reads it from the remote's manifest)
     nbytes = 2630000000
 
     [nodes.a]                     # one node; the keys of a node profile's [node] table

@@ -33,8 +33,8 @@ registers it with :func:`register_migrator`; until then ``migrate`` options are 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from sllm.core.estimator import (
@@ -186,6 +186,32 @@ def model_size(model: str, inventory: Inventory, states: Mapping[str, NodeState]
         return int(inventory.model_bytes[model])
     raise SchedulingError(f"the size of {model!r} is unknown: no node holds it",
                           hint=f'add [models."{model}"] nbytes = BYTES to the inventory')
+
+
+def with_remote_size(model: str, inventory: Inventory, states: Mapping[str, NodeState],
+                     ask: Callable[[NodeSpec], int | None]) -> Inventory:
+    """``inventory`` knowing ``model``'s size when neither a node nor the inventory does (a
+    model only the remote holds): ``ask(node)`` returns the size as a node that can pull it
+    reads it from the remote's manifest (``GET /v1/models/MODEL``); the up nodes with a
+    remote are asked in name order until one answers (one that raises is skipped).
+    Unchanged when the size is known already or nobody answers (then :func:`model_size`
+    raises as before). Pure but for ``ask``."""
+    try:
+        model_size(model, inventory, states)
+        return inventory
+    except SchedulingError:
+        pass
+    for name in sorted(states):
+        st = states[name]
+        if not (st.up and st.has_remote) or name not in inventory.nodes:
+            continue
+        try:
+            nbytes = ask(inventory.nodes[name])
+        except Exception:  # noqa: BLE001 - a node that cannot answer is skipped, as a down node
+            continue
+        if nbytes:
+            return replace(inventory, model_bytes={**inventory.model_bytes, model: int(nbytes)})
+    return inventory
 
 
 def source_tier(model: str, state: NodeState) -> str | None:

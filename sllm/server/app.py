@@ -36,7 +36,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sllm.errors import UsageError
-from sllm.server import schemas
+from sllm.server import report, schemas
 from sllm.server.cache_api import add_cache_routes, error_body_for
 from sllm.server.catalog import check_model_name
 from sllm.server.frontdoor import FrontDoor
@@ -211,14 +211,13 @@ def _add_routes(app: FastAPI, manager: ModelManager, requests: Requests, migrati
 
     @app.get("/v1/models/{model_id:path}", responses={
         **guarded, 400: {"description": "a bad model name", "model": schemas.ErrorResponse},
-        404: {"description": "unknown model", "model": schemas.ErrorResponse}})
+        404: {"description": "unknown model", "model": schemas.ErrorResponse},
+        503: {"description": "the remote could not say whether it holds the model", "model": schemas.ErrorResponse}})
     async def model(model_id: str) -> dict[str, Any]:
-        if not check_model_name(model_id):
+        m = await report.model(manager, model_id) if check_model_name(model_id) else None
+        if m is None:
             raise manager.not_found(model_id)
-        for m in await manager.catalog():
-            if m["id"] == model_id:
-                return schemas.model_card(m.pop("id"), m.pop("created"), **m)
-        raise manager.not_found(model_id)
+        return schemas.model_card(m.pop("id"), m.pop("created"), **m)
 
     @app.post("/v1/completions", response_model=None, responses=_COMPLETION_RESPONSES)
     async def completions(body: schemas.CompletionRequest, request: Request) -> Any:

@@ -6,7 +6,9 @@ One step of a request's life, before the model is leased: :meth:`FrontDoor.route
 where the request runs. A model resident here is served here at once (nothing beats 0 s);
 otherwise it fetches the other nodes' ``/status`` concurrently (a short timeout: an
 unreachable node is down and skipped), adds this node's own state (no HTTP to itself) and
-ranks the nodes with :func:`sllm.core.scheduler.plan`. This node wins ties. :meth:`FrontDoor.forward`
+ranks the nodes with :func:`sllm.core.scheduler.plan` (a model that only the remote holds is
+sized first by a node that can pull it: ``GET /v1/models/MODEL`` reads the remote's manifest).
+This node wins ties. :meth:`FrontDoor.forward`
 relays the request body to the chosen node with ``x-sllm-forwarded-by: <this node>``, and
 streams the answer back byte for byte (SSE events pass through unchanged, so tokens arrive
 exactly once). A request that carries that header is always served where it arrives, so a
@@ -32,7 +34,7 @@ from typing import Any
 import httpx
 
 from sllm.core.inventory import Inventory, NodeSpec, gather_states, parse_status
-from sllm.core.scheduler import Migrator, Plan, plan
+from sllm.core.scheduler import Migrator, Plan, plan, with_remote_size
 from sllm.errors import MigrationError, SchedulingError, ServerError
 
 log = logging.getLogger("sllm.server")
@@ -69,6 +71,14 @@ def _fetch_status(spec: NodeSpec, timeout: float) -> dict[str, Any]:
 
     with NodeClient(spec.url, api_key=spec.api_key(), timeout=timeout) as c:
         return c.status()
+
+
+def _remote_size(spec: NodeSpec, model: str) -> int | None:
+    from sllm.client import NodeClient
+    from sllm.server.models import REMOTE_LOOKUP_SECONDS
+
+    with NodeClient(spec.url, api_key=spec.api_key(), timeout=REMOTE_LOOKUP_SECONDS + 5.0) as c:
+        return c.model(model).get("nbytes")
 
 
 class FrontDoor:
@@ -114,8 +124,10 @@ class FrontDoor:
         states = await asyncio.to_thread(gather_states, others, _fetch_status, timeout=self.status_timeout)
         states[self.name] = here
         migrator = self.migrator
+        inventory = await asyncio.to_thread(with_remote_size, model, self.inventory, states,
+                                            lambda spec: _remote_size(spec, model))  # a remote-only model
         try:
-            p = plan(model, self.inventory, states, prompt_tokens=prompt_tokens, migration=migrator is not None)
+            p = plan(model, inventory, states, prompt_tokens=prompt_tokens, migration=migrator is not None)
         except SchedulingError as exc:
             log.info("routing %s: %s; serving it here", model, exc)
             return Route(self.name, None, math.nan)

@@ -1,5 +1,5 @@
 """What a node reports about its models, read from its :class:`~sllm.server.models.ModelManager`:
-the catalogue (``GET /v1/models``), the device tier's rows and occupancy (``GET /v1/cache``)
+the catalogue (``GET /v1/models``, ``GET /v1/models/ID``), the device tier's rows and occupancy (``GET /v1/cache``)
 and the node's state (``GET /status``). Plain dicts, JSON-ready, seconds and bytes; blocking
 reads (the tier cache, checkpoint facts) go to the manager's metadata threads. It changes
 nothing.
@@ -51,6 +51,38 @@ async def catalog(m: ModelManager) -> list[dict[str, Any]]:
     out += [dict(id=mid, created=time.time(), resident=False, nbytes=None, error=None, source="cache",
                  tiers=["remote"]) for mid in remote if mid not in m.entries]
     return sorted(out, key=lambda m: m["id"])
+
+
+async def model(m: ModelManager, model_id: str) -> dict[str, Any] | None:
+    """``GET /v1/models/ID``'s dict (as :func:`catalog`'s), or None for an unknown model. A
+    model that only the remote holds gets its ``nbytes`` from the remote's manifest (one
+    bounded read), so a scheduler can size a remote-only model through the node that would
+    pull it.
+
+    Raises:
+        ModelLoadFailed: the remote could not say in time whether it holds the model.
+    """
+    import asyncio
+
+    from sllm.errors import SllmError
+    from sllm.server.models import REMOTE_LOOKUP_SECONDS, ModelLoadFailed, ModelNotFound
+
+    card = next((c for c in await catalog(m) if c["id"] == model_id), None)
+    if (card is not None and card["nbytes"] is not None) or m.tiers is None or not m.tiers.has_remote:
+        return card
+    try:
+        await m.lookup(model_id)  # a name nothing holds is a 404 after one bounded question to the remote
+        nbytes = await asyncio.wait_for(m.in_meta(m.tiers.remote_nbytes, model_id), REMOTE_LOOKUP_SECONDS)
+    except ModelNotFound:
+        return None
+    except (TimeoutError, SllmError) as exc:
+        why = "timed out" if isinstance(exc, TimeoutError) else str(exc)
+        raise ModelLoadFailed(f"model {model_id!r}: reading its manifest on the remote failed: {why}",
+                              phase="pull") from exc
+    if nbytes is None:
+        return card
+    return {**(card or dict(id=model_id, created=time.time(), resident=False, error=None, source="cache",
+                            tiers=["remote"])), "nbytes": nbytes}
 
 
 def device_rows(m: ModelManager) -> list[dict[str, Any]]:

@@ -136,6 +136,35 @@ class NodeTiers:
         (the SSD tier's state)."""
         return self.cache.locate(model, check_remote=False).fastest
 
+    def remote_nbytes(self, model: str) -> int | None:
+        """The weights' bytes of ``model`` on the remote, from its manifest (``sllm.json``'s
+        ``total_bytes``; one small read); None when the remote does not hold it. Blocking.
+
+        Raises:
+            RemoteError: the remote cannot be reached. ManifestError: a bad manifest.
+        """
+        import json
+
+        from sllm.core.cache.base import MAX_METADATA_BYTES
+        from sllm.core.format import MANIFEST_FILE, parse_manifest
+        from sllm.errors import ManifestError, RemoteError
+
+        remote = self.cache.remote()
+        path = f"{model}/{MANIFEST_FILE}"
+        try:
+            data = remote.read_bytes(path, max_bytes=MAX_METADATA_BYTES)
+        except RemoteError as exc:
+            if getattr(exc, "not_found", False):
+                return None
+            raise
+        try:
+            doc = json.loads(data)
+        except ValueError as exc:
+            raise ManifestError(f"{remote.url_of(path)}: cannot parse JSON ({exc})") from exc
+        if not isinstance(doc, dict):
+            raise ManifestError(f"{remote.url_of(path)}: expected a JSON object")
+        return parse_manifest(doc, remote.url_of(path)).total_bytes
+
     def remote_has(self, model: str) -> bool:
         """True when the remote holds ``model`` (one request for its manifest). Blocking.
 
