@@ -42,6 +42,8 @@ SIZES = [
     ("gpt2-180m", dict(n_layer=6, n_embd=512, n_head=8)),
     ("gpt2-500m", dict(n_layer=12, n_embd=768, n_head=12)),
 ]
+#: DRAM hits per run (as ``measure_load_paths`` times them): milliseconds each, so more samples.
+DRAM_REPEATS = 5
 PREFILL_TOKENS = [16, 32, 64, 128, 192, 256, 384, 512, 640, 768]
 
 
@@ -100,7 +102,7 @@ def measure_loads(models: dict[str, Path], url: str, work: Path, runs: int) -> l
             tiers = node_tiers(cache_dir, url, nbytes)
             try:
                 times["remote"].append(cold_start(tiers, name))  # empty cache: pulled, pipelined
-                times["dram"].append(cold_start(tiers, name))  # the DRAM entry is a hit
+                times["dram"] += [cold_start(tiers, name) for _ in range(DRAM_REPEATS)]  # hits: milliseconds
                 tiers.cache.evict(name, "dram")
                 for f in (tiers.cache.ssd.path_of(name)).iterdir():
                     evict_page_cache(f)
@@ -138,7 +140,7 @@ def profile(models: dict[str, Path], url: str, work: Path, runs: int):
     dram = measure_dram_to_device(256 << 20, runs=runs)
     fixed = measure_loader_fixed_seconds(probe)
     paths = measure_load_paths(probe, remote_url=url, remote_model=probe_name, work_dir=work, runs=runs,
-                               dram_gbps=dram.gbps)
+                               dram_gbps=dram.gbps, ssd_gbps=ssd.gbps)
     r = paths["remote"]
     remote = TierBandwidth("remote", r.gbps or nbytes / r.seconds / 1e9, nbytes, r.seconds, 0,
                            "pull into SSD and DRAM, pipelined", url)

@@ -10,8 +10,9 @@ calls on one checkpoint from each tier, ``runs`` times each in a fresh cache dir
 
 Each tier's figures (:class:`LoadPath`) come from one model, so the split of its time into a
 fixed part and a per-byte part uses the bandwidth *inside* that path: the bytes-over-time
-slope of the pull's own progress reports (remote, SSD), or the measured host-to-device
-bandwidth (DRAM on a GPU; on the CPU a DRAM hit moves no bytes: all of it is fixed cost).
+slope of the pull's own progress reports (remote), the SSD's cold read bandwidth (SSD; its
+own progress slope when not given), or the measured host-to-device bandwidth (DRAM on a
+GPU; on the CPU a DRAM hit moves no bytes: all of it is fixed cost).
 Then ``fixed = seconds - bytes / bandwidth``. The fixed parts differ per tier (a pull's
 metadata round trips and entry commit, the SSD entry's lease and side files, the skeleton);
 one node-wide fixed cost cannot stand for all of them (``benchmarks/estimator_accuracy.py``).
@@ -32,6 +33,8 @@ from pathlib import Path
 
 #: Tiers a load path is measured from, in the order a run visits them.
 PATH_TIERS = ("remote", "dram", "ssd")
+#: DRAM hits timed per run.
+DRAM_REPEATS = 5
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,8 @@ def measure_load_paths(
     work_dir: str | os.PathLike[str] | None = None,
     runs: int = 3,
     dram_gbps: float | None = None,
+    ssd_gbps: float | None = None,
+    dram_repeats: int = DRAM_REPEATS,
 ) -> dict[str, LoadPath]:
     """Time ``model_dir``'s cold start from each tier through the tier cache and the loader,
     as ``sllm serve`` starts a model (module docstring), and fit each tier's fixed cost and
@@ -122,6 +127,11 @@ def measure_load_paths(
         runs: cold starts per tier; the median is kept.
         dram_gbps: host-to-device bandwidth, GB/s, for the DRAM hit on a GPU (the copy is
             its per-byte part); ignored on the CPU.
+        ssd_gbps: the SSD tier's cold read bandwidth (:func:`sllm.core.profile.measure_ssd`),
+            GB/s, for the SSD path's per-byte part; None: the slope of its own progress
+            reports (which come in bursts of one chunk per reader thread, so they overstate
+            the rate of a read of a few chunks).
+        dram_repeats: DRAM hits per run (a hit takes milliseconds: more samples, less noise).
 
     Returns: tier -> :class:`LoadPath` ("remote" only with ``remote_url``).
 
@@ -160,7 +170,7 @@ def measure_load_paths(
                 else:
                     cache.pull(name)  # into SSD only, untimed
                 if cache.dram is not None and cache.dram.has(name):
-                    times["dram"].append(_timed(cache, name, device)[0])
+                    times["dram"] += [_timed(cache, name, device)[0] for _ in range(dram_repeats)]
                     cache.evict(name, "dram")
                 for f in cache.ssd.path_of(name).iterdir():
                     evict_page_cache(f)
@@ -169,7 +179,7 @@ def measure_load_paths(
                 times["ssd"].append(seconds)
                 _append(rates["ssd"], stream_gbps(points))
                 if not remote_url:
-                    times["dram"].append(_timed(cache, name, device)[0])
+                    times["dram"] += [_timed(cache, name, device)[0] for _ in range(dram_repeats)]
             finally:
                 cache.close()
                 shutil.rmtree(cache_dir, ignore_errors=True)
@@ -183,6 +193,8 @@ def measure_load_paths(
         seconds = statistics.median(times[tier])
         if tier == "dram":
             gbps = dram_gbps if device.startswith("cuda") else None
+        elif tier == "ssd" and ssd_gbps:
+            gbps = ssd_gbps
         else:
             gbps = statistics.median(rates[tier]) if rates[tier] else nbytes / seconds / 1e9
         fixed = max(0.0, seconds - (nbytes / (gbps * 1e9) if gbps else 0.0))

@@ -344,7 +344,8 @@ def profile_node(
     }
     fixed = measure_loader_fixed_seconds(model_dir)
     paths = measure_load_paths(model_dir, device=device, remote_url=remote_url, remote_model=remote_model,
-                               work_dir=model_dir.parent, runs=runs, dram_gbps=tiers["dram"].gbps)
+                               work_dir=model_dir.parent, runs=runs, dram_gbps=tiers["dram"].gbps,
+                               ssd_gbps=tiers["ssd"].gbps)
     if "remote" in paths:
         r = paths["remote"]
         tiers["remote"] = TierBandwidth(
