@@ -124,7 +124,7 @@ def profile(models: dict[str, Path], url: str, work: Path, runs: int):
     from dataclasses import replace
 
     from sllm.core.format import open_checkpoint
-    from sllm.core.loadpath import measure_load_paths
+    from sllm.core.loadpath import cache_read_threads, measure_load_paths
     from sllm.core.profile import (
         TierBandwidth,
         build_profile,
@@ -139,14 +139,27 @@ def profile(models: dict[str, Path], url: str, work: Path, runs: int):
     ssd = measure_ssd(work, 256 << 20, runs=runs)
     dram = measure_dram_to_device(256 << 20, runs=runs)
     fixed = measure_loader_fixed_seconds(probe)
+    ssd_path = measure_ssd(work, 256 << 20, threads_options=(cache_read_threads(),), runs=runs)  # as the cache reads
     paths = measure_load_paths(probe, remote_url=url, remote_model=probe_name, work_dir=work, runs=runs,
-                               dram_gbps=dram.gbps, ssd_gbps=ssd.gbps)
+                               dram_gbps=dram.gbps, ssd_gbps=ssd_path.gbps)
     r = paths["remote"]
     remote = TierBandwidth("remote", r.gbps or nbytes / r.seconds / 1e9, nbytes, r.seconds, 0,
                            "pull into SSD and DRAM, pipelined", url)
     tiers = {"ssd": ssd, "dram": dram, "remote": remote}
     tiers = {t: replace(b, load_fixed_seconds=paths[t].fixed_seconds, load_gbps=paths[t].gbps) for t, b in tiers.items()}
     return build_profile(tiers, loader_fixed_seconds=fixed, name="this-node"), paths
+
+
+def one_fixed_cost(node, paths):
+    """The previous calibration, for comparison: one fixed cost for every tier (the probe's
+    DRAM hit) and each tier's bandwidth from what its cold start took beyond it."""
+    from dataclasses import replace
+
+    fixed, tiers = paths["dram"].seconds, dict(node.tiers)
+    for t, p in paths.items():
+        g = p.nbytes / (p.seconds - fixed) / 1e9 if t != "dram" and p.seconds > fixed else None
+        tiers[t] = replace(tiers[t], load_fixed_seconds=fixed, load_gbps=g)
+    return replace(node, tiers=tiers)
 
 
 def stage_model(node):
@@ -205,6 +218,11 @@ def main() -> int:
     if args.prepare_only:
         print(work)
         return 0
+    for f in sorted((work / "remote").rglob("*")):  # the remote shares this disk only here: serve it from memory,
+        if f.is_file():                            # as a store that is not the node's own disk would
+            with open(f, "rb") as fh:
+                while fh.read(64 << 20):
+                    pass
     server = ChildServer(work / "remote", args.throttle_mbps * 1e6)
     try:
         prof, paths = profile(models, server.url, work, args.runs)
@@ -212,10 +230,12 @@ def main() -> int:
     finally:
         server.close()
     node = parse_node("this-node", prof.to_toml_dict()["node"], where="profile")  # as load-bench --tiers writes it
-    older = stage_model(node)
+    older, single = stage_model(node), one_fixed_cost(node, paths)
     for r in rows:
         est = estimate_load(older, r["model"], r["tier"], r["nbytes"])
         cal = estimate_load(node, r["model"], r["tier"], r["nbytes"])
+        one = estimate_load(single, r["model"], r["tier"], r["nbytes"]).total_seconds
+        r.update(one_fixed_seconds=one, one_fixed_error=err(one, r["measured_seconds"]))
         r.update(predicted_seconds=est.total_seconds, transfer_seconds=est.transfer_seconds,
                  fixed_seconds=est.fixed_seconds, error=err(est.total_seconds, r["measured_seconds"]),
                  calibrated_seconds=cal.total_seconds, calibrated_error=err(cal.total_seconds, r["measured_seconds"]),
@@ -230,11 +250,11 @@ def main() -> int:
     print(f"load paths (probe {SIZES[1][0]}, as load-bench --tiers): " + ", ".join(
         f"{t} fixed {p.fixed_seconds * 1e3:.1f} ms + bytes / {p.gbps or float('inf'):.3f} GB/s" for t, p in paths.items()))
     print(f"{'model':<11}{'MB':>7}  {'tier':<7}{'measured s':>11}{'stage model s':>14}{'error':>8}"
-          f"{'load path s':>12}{'error':>8}")
+          f"{'one fixed s':>12}{'error':>8}{'load path s':>12}{'error':>8}")
     for r in rows:
         print(f"{r['model']:<11}{r['nbytes'] / 1e6:>7.0f}  {r['tier']:<7}{r['measured_seconds']:>11.3f}"
-              f"{r['predicted_seconds']:>14.3f}{r['error']:>8.1%}{r['calibrated_seconds']:>12.3f}"
-              f"{r['calibrated_error']:>8.1%}")
+              f"{r['predicted_seconds']:>14.3f}{r['error']:>8.1%}{r['one_fixed_seconds']:>12.3f}"
+              f"{r['one_fixed_error']:>8.1%}{r['calibrated_seconds']:>12.3f}{r['calibrated_error']:>8.1%}")
 
     def stats(key: str, subset: list[dict]) -> tuple[float, float]:
         e = sorted(r[key] for r in subset)
@@ -244,9 +264,11 @@ def main() -> int:
     others = [r for r in rows if r["model"] != SIZES[1][0]]
     cmed, cp90 = stats("calibrated_error", others)
     amed, ap90 = stats("calibrated_error", rows)
+    omed, op90 = stats("one_fixed_error", others)
     print(f"load estimate error, stage model (older profiles): median {med:.1%}, P90 {p90:.1%} over {len(rows)} "
           f"cases; load paths (this profile): median {cmed:.1%}, P90 {cp90:.1%} over the {len(others)} non-probe "
-          f"cases (median {amed:.1%}, P90 {ap90:.1%} over all {len(rows)})")
+          f"cases (median {amed:.1%}, P90 {ap90:.1%} over all {len(rows)}); one fixed cost (the previous "
+          f"calibration): median {omed:.1%}, P90 {op90:.1%} over the {len(others)} non-probe cases")
     print(f"\nprefill fit on {fit.samples} lengths: a = {fit.a_seconds_per_token * 1e6:.1f} us/token, "
           f"b = {fit.b_seconds * 1e3:.1f} ms ({SIZES[-1][0]}, CPU)")
     print(f"{'tokens':>7}  {'role':<9}{'measured s':>11}{'predicted s':>12}{'error':>8}")
@@ -265,6 +287,7 @@ def main() -> int:
                        for t, p in paths.items()},
         "load_path_error_median": round(cmed, 4), "load_path_error_p90": round(cp90, 4),
         "load_path_error_median_all": round(amed, 4), "load_path_error_p90_all": round(ap90, 4),
+        "one_fixed_error_median": round(omed, 4), "one_fixed_error_p90": round(op90, 4),
         "prefill_fit": {"a_seconds_per_token": fit.a_seconds_per_token, "b_seconds": fit.b_seconds,
                         "samples": fit.samples},
         "prefill": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()} for r in pre],

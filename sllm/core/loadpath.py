@@ -62,6 +62,14 @@ class LoadPath:
         return self.fixed_seconds + (nbytes / (self.gbps * 1e9) if self.gbps else 0.0)
 
 
+def cache_read_threads() -> int:
+    """The reader threads the tier cache reads an SSD entry into DRAM with (its default):
+    the thread count at which the SSD path's bandwidth is measured."""
+    from sllm.core.cache import CacheConfig
+
+    return int(CacheConfig.__dataclass_fields__["read_threads"].default)
+
+
 def stream_gbps(points: list[tuple[float, int]], skip_bytes: int = 0) -> float | None:
     """The bandwidth of a transfer from its progress reports: the least-squares slope of
     bytes done over seconds, GB/s, over the reports past ``skip_bytes`` (the small files a
@@ -95,7 +103,7 @@ def _timed(cache, model: str, device: str) -> tuple[float, str, list[tuple[float
         for name, data in lease.files.items():
             (Path(tmp) / name).write_bytes(data)
         loaded = load_model_from_host(lease, device)
-    seconds = time.perf_counter() - started
+        seconds = time.perf_counter() - started  # ready: the side files' cleanup comes after, as in serve
     release(loaded)
     return seconds, result.source, points, side
 
@@ -111,6 +119,7 @@ def measure_load_paths(
     dram_gbps: float | None = None,
     ssd_gbps: float | None = None,
     dram_repeats: int = DRAM_REPEATS,
+    warmup: bool = True,
 ) -> dict[str, LoadPath]:
     """Time ``model_dir``'s cold start from each tier through the tier cache and the loader,
     as ``sllm serve`` starts a model (module docstring), and fit each tier's fixed cost and
@@ -119,7 +128,8 @@ def measure_load_paths(
     Each run uses a fresh cache directory under ``work_dir`` (default: the model's parent):
     the remote pull when ``remote_url`` is given (else the model is copied into the SSD tier
     from a directory remote, untimed), a DRAM hit, then the DRAM entry evicted and the page
-    cache dropped, a read from SSD. One untimed load first pays transformers' lazy import.
+    cache dropped, a read from SSD. One untimed load first pays transformers' lazy import, and
+    one untimed run (``warmup``) warms the process.
 
     Args:
         model_dir: a converted checkpoint. device: where models are built.
@@ -127,11 +137,14 @@ def measure_load_paths(
         runs: cold starts per tier; the median is kept.
         dram_gbps: host-to-device bandwidth, GB/s, for the DRAM hit on a GPU (the copy is
             its per-byte part); ignored on the CPU.
-        ssd_gbps: the SSD tier's cold read bandwidth (:func:`sllm.core.profile.measure_ssd`),
-            GB/s, for the SSD path's per-byte part; None: the slope of its own progress
+        ssd_gbps: the SSD tier's cold read bandwidth with the cache's reader threads
+            (:func:`sllm.core.profile.measure_ssd` at :func:`cache_read_threads`), GB/s, for
+            the SSD path's per-byte part; None: the slope of its own progress
             reports (which come in bursts of one chunk per reader thread, so they overstate
             the rate of a read of a few chunks).
         dram_repeats: DRAM hits per run (a hit takes milliseconds: more samples, less noise).
+        warmup: one untimed run first (the first pulls of a process are slower: its heap and
+            connections are cold, as a serving node's are not).
 
     Returns: tier -> :class:`LoadPath` ("remote" only with ``remote_url``).
 
@@ -157,7 +170,9 @@ def measure_load_paths(
         local_remote = Path(tempfile.mkdtemp(prefix=".sllm-tmp-load-path-remote-", dir=work))
         (local_remote / name).symlink_to(model_dir.resolve(), target_is_directory=True)
     try:
-        for _ in range(runs):
+        for run in range(-1 if warmup else 0, runs):  # run -1: untimed, warms the process as a serving node is warm
+            if run < 0:
+                keep = ({t: list(v) for t, v in times.items()}, {t: list(v) for t, v in rates.items()})
             cache_dir = Path(tempfile.mkdtemp(prefix=".sllm-tmp-load-path-cache-", dir=work))
             config = CacheConfig(cache_dir, dram_capacity_bytes=2 * nbytes + (64 << 20),
                                  remote_url=remote_url or str(local_remote), remote=RemoteConfig.from_env(os.environ))
@@ -183,6 +198,8 @@ def measure_load_paths(
             finally:
                 cache.close()
                 shutil.rmtree(cache_dir, ignore_errors=True)
+            if run < 0:
+                times, rates = keep
     finally:
         if local_remote is not None:
             shutil.rmtree(local_remote, ignore_errors=True)
