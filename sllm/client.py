@@ -231,6 +231,6 @@ class HttpMigrator:
 
     def migrate(self, model: str, source: Any, destination: Any, request_ids: Any) -> None:
         """Raises: MigrationError (the source keeps the requests), ServerError (unreachable)."""
-        with NodeClient(source.url, api_key=source.api_key()) as c:
-            c.migrate(model, destination.url, destination_api_key=destination.api_key(),
+        with NodeClient(source.url, api_key=source.admin_key()) as c:  # /v1/migrations takes the admin key
+            c.migrate(model, destination.url, destination_api_key=destination.admin_key(),
                       request_ids=list(request_ids) or None)

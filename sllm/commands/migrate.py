@@ -1,7 +1,7 @@
 """``sllm migrate``: live-migrate running generations from one node to another.
 
 Thin: it resolves ``--from`` and ``--to`` (URLs, or node names of ``--inventory``, whose
-keys come from their ``api_key_env``), asks the source node to migrate
+keys come from their ``admin_key_env``, else ``api_key_env``), asks the source node to migrate
 (``POST /v1/migrations``, :meth:`sllm.client.NodeClient.migrate`) and prints what the
 source recorded: each round's tokens and seconds, the longest pause a client's stream saw,
 the total time, and the bytes sent against the KV cache they replace. The protocol is
@@ -38,7 +38,7 @@ def resolve(node: str, inventory: Path | None, api_key: str | None, flag: str) -
     spec = inv.nodes.get(node)
     if spec is None:
         raise InventoryError(f"{inventory}: no node {node!r} (its nodes: {', '.join(inv.nodes) or 'none'})")
-    return spec.url.rstrip("/"), spec.api_key() or api_key
+    return spec.url.rstrip("/"), spec.admin_key() or api_key
 
 
 @handle_errors

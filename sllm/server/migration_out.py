@@ -196,6 +196,7 @@ async def migrate_out(
     runs = [c for c in runs if c.migratable]
     if not runs:
         raise UsageError(f"no request of {model!r} is decoding on this node")
+    engine = runs[0].engine  # the model's engine: kept here, as a request's own lease ends with it
     mid = migration_id or new_migration_id()
     sm = SourceMigration(mid, model, delta, max_rounds)
     rec = log_.start(MigrationRecord(mid, "out", model, peer.url, [c.id for c in runs]))
@@ -214,7 +215,7 @@ async def migrate_out(
             live = {c.id: c for c in runs if not c.gen.done}
             final = sm.should_hand_over({rid: len(c.gen.tokens) for rid, c in live.items()})
             if final:
-                holding = asyncio.ensure_future(asyncio.to_thread(_hold, list(live.values())))
+                holding = asyncio.ensure_future(asyncio.to_thread(_hold, engine, list(live.values())))
                 try:
                     paused = await asyncio.shield(holding)
                 except asyncio.CancelledError:  # aborted meanwhile: the holds finish, then are released below
@@ -223,7 +224,7 @@ async def migrate_out(
                 rec.phase = "handover"
                 live = {c.id: c for c in paused}
             snap = {rid: list(c.gen.tokens) for rid, c in live.items()}
-            snap = {rid: t for rid, t in snap.items() if not live[rid].engine.exhausted(live[rid].gen, len(t))}
+            snap = {rid: t for rid, t in snap.items() if not engine.exhausted(live[rid].gen, len(t))}
             rnd = sm.next_round(snap, final=final,
                                 prompt_lens={rid: c.prompt_tokens for rid, c in live.items()},
                                 params={rid: dataclasses.asdict(c.gen.params) for rid, c in live.items()})
@@ -245,7 +246,7 @@ async def migrate_out(
             why = str(exc) if isinstance(exc, MigrationError) else f"{type(exc).__name__}: {exc}"
         sm.abort(why)
         for c in paused:
-            c.unpause()
+            engine.release(c.gen)
         for c in runs:
             c.migrating = None
         await relay.close()
@@ -264,10 +265,10 @@ async def migrate_out(
     kv = 0
     for c in paused:
         if c in moved:
-            kv += c.kv_bytes()
+            kv += len(c.tokens) * engine.bytes_per_block // engine.config.block_size
             c.hand_over(relay.remote(c.id))
         else:
-            c.unpause()  # it ends here by itself
+            engine.release(c.gen)  # it ends here by itself
         c.migrating = None
     rec.kv_bytes_replaced = kv
     log_.end(rec, "done")
@@ -283,22 +284,20 @@ def new_migration_id() -> str:
     return "mig-" + secrets.token_hex(8)
 
 
-def _hold(runs: list[Any]) -> list[Any]:
+def _hold(engine: Any, runs: list[Any]) -> list[Any]:
     """Pause the requests right after each one's next token (``Engine.hold_after_next_token``:
     the handover's pause starts as a token reaches the client); the ones that ended
     meanwhile are left out. Blocking: call in a thread."""
-    live = [c for c in runs if not c.gen.done]
-    if not live:
-        return []
+    gens = [c.gen for c in runs if not c.gen.done]
     try:
-        live[0].engine.hold_after_next_token([c.gen for c in live])
+        engine.hold_after_next_token(gens)
     except UsageError:  # one ended between the check and the hold: hold them one by one
-        for c in live:
+        for gen in gens:
             try:
-                c.pause()
+                engine.hold(gen)
             except UsageError:
                 pass
-    return [c for c in live if not c.gen.done]
+    return [c for c in runs if not c.gen.done and c.gen in gens]
 
 
 async def _wait_first_tokens(runs: list[Any]) -> None:

@@ -309,19 +309,6 @@ class Completion:
         """The local engine running it (None after the handover)."""
         return self._lease.resident.engine if self._lease is not None else None
 
-    def pause(self) -> int:
-        """Hold the local generation (blocking up to one engine step; call in a thread)."""
-        return self.engine.hold(self.gen)
-
-    def unpause(self) -> None:
-        if self._lease is not None:
-            self._lease.resident.engine.release(self.gen)
-
-    def kv_bytes(self) -> int:
-        """Bytes of KV cache this request's tokens take on this node's engine."""
-        engine = self._lease.resident.engine
-        return len(self.tokens) * engine.bytes_per_block // engine.config.block_size
-
     def hand_over(self, remote: Any) -> None:
         """The handover: ``remote`` generates from now on; the local copy is dropped (KV
         freed) and the lease given back. Tokens the local copy streamed and that are still
