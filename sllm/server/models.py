@@ -61,7 +61,7 @@ from sllm.server.state import (  # noqa: F401 - re-exported: the lifecycle's pub
     ShuttingDown,
     TierConflict,
 )
-from sllm.server.warmup import import_model_code, warm_device
+from sllm.server.warmup import freeze_heap, import_model_code, warm_device
 
 if TYPE_CHECKING:
     from sllm.server.tiers import Fetched, NodeTiers
@@ -429,8 +429,10 @@ class ModelManager:
 
     def _load_blocking(self, entry: Entry, fetched: Fetched | None = None) -> tuple[Any, Any, Any]:
         """Worker thread: :func:`sllm.server.loading.load_blocking` with this node's loader."""
-        return load_blocking(entry, fetched, config=self.config, pool=self.pool, tiers=self.tiers,
-                             loader=self._loader, release=self._release, make_engine=self._engine)
+        out = load_blocking(entry, fetched, config=self.config, pool=self.pool, tiers=self.tiers,
+                            loader=self._loader, release=self._release, make_engine=self._engine)
+        freeze_heap()
+        return out
 
     def _engine(self, model: Any, entry: Entry) -> Any:
         """The engine that generates with ``model`` (worker thread)."""
@@ -505,6 +507,7 @@ class ModelManager:
         res.engine.close()
         self._release(res.model)
         res.model = res.engine = None
+        freeze_heap(thaw=True)
 
     async def trim_pool(self) -> None:
         """Keep idle pooled buffers only while resident models + pool stay within the budget,
@@ -559,6 +562,7 @@ class ModelManager:
             for p in paths + ([ssd.path_of(mid) for mid in cache_ids if ssd.has(mid)] if ssd is not None else []):
                 import_model_code(p)
             warm_device(self.config.device)
+            freeze_heap()
 
         self.warm = loop.run_in_executor(self._meta_threads, warm)
         budget = self.config.max_memory_bytes or (self.config.cache.dram_capacity_bytes if self.config.cache else 0)

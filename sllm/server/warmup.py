@@ -2,13 +2,15 @@
 
 :func:`import_model_code` imports the transformers code of a checkpoint's architecture
 (about 2 s the first time, DESIGN.md "Checkpoint format"), one thread at a time;
-:func:`warm_device` runs a first forward pass's kernels on small tensors. Both are
-optimisations: failures are logged at debug level and left for the load to report. It
+:func:`warm_device` runs a first forward pass's kernels on small tensors;
+:func:`freeze_heap` takes what has been imported and loaded out of the garbage collector's
+view. All are optimisations: failures are logged at debug level and left for the load to report. It
 knows nothing of models' lifecycle (``models.py``) or HTTP.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from pathlib import Path
@@ -64,3 +66,19 @@ def warm_device(device: str) -> None:
             torch.cuda.synchronize(dev)
     except Exception:
         log.debug("warming %s failed", device, exc_info=True)
+
+
+def freeze_heap(*, thaw: bool = False) -> None:
+    """Collect, then move every surviving object to the collector's permanent generation
+    (``gc.freeze``), after the warm-up and after each load or unload (in a worker thread).
+
+    A serving process holds about 250,000 objects (torch, transformers, the models' modules);
+    a full collection scans them all, about 140 ms with every thread stopped on this
+    project's CI machine: a pause in every stream (and the longest gap of a live migration,
+    whose rounds allocate). Frozen objects are never scanned. ``thaw``: unfreeze first (an
+    unload: a model's cyclic garbage must be collectable again).
+    """
+    if thaw:
+        gc.unfreeze()
+    gc.collect()
+    gc.freeze()
