@@ -201,3 +201,31 @@ def test_chat_template_is_used_when_the_tokenizer_has_one(tokenizer_gpt2):
     assert chat_prompt(tok, msgs) == "<|endoftext|>[user] Hi\n[assistant]"
     ids = chat_ids(tok, msgs)
     assert ids[0] == tok.eos_token_id and ids.count(tok.eos_token_id) == 1  # the template's, not doubled
+
+
+def test_freeze_heap_takes_objects_out_of_collections_and_an_unload_thaws_them():
+    """In a subprocess (the suite keeps its own collector): nothing happens until enabled;
+    then objects are frozen, and cyclic garbage frozen by a load is collected at the unload."""
+    import subprocess
+    import sys
+
+    code = """
+import gc, weakref
+from sllm.server.warmup import enable_heap_freezing, freeze_heap
+before = gc.get_freeze_count()
+freeze_heap()
+assert gc.get_freeze_count() == before == 0, "acted before it was enabled"
+enable_heap_freezing()
+class Cycle: pass
+c = Cycle(); c.me = c; ref = weakref.ref(c)
+freeze_heap(collect=False)  # after a load
+assert gc.get_freeze_count() > 0
+del c
+gc.collect()
+assert ref() is not None, "a frozen cycle was collected"
+freeze_heap(thaw=True)  # after an unload
+assert ref() is None and gc.get_freeze_count() > 0
+print("ok")
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr

@@ -313,6 +313,9 @@ def _run(config: Any, host: str, port: int, log_level: str, json_out: bool, inv:
          node_name: str | None = None) -> None:
     """Bind, build the app, announce once listening, serve until a signal."""
     from sllm.server.app import NodeServer, create_app, uvicorn_config
+    from sllm.server.warmup import enable_heap_freezing
+
+    enable_heap_freezing()  # this process is the node's: full collections would pause every stream
 
     sock = _bind(host, port)
     url = _url(sock)

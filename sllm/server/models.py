@@ -431,7 +431,7 @@ class ModelManager:
         """Worker thread: :func:`sllm.server.loading.load_blocking` with this node's loader."""
         out = load_blocking(entry, fetched, config=self.config, pool=self.pool, tiers=self.tiers,
                             loader=self._loader, release=self._release, make_engine=self._engine)
-        freeze_heap()
+        freeze_heap(collect=False)
         return out
 
     def _engine(self, model: Any, entry: Entry) -> Any:
@@ -507,7 +507,7 @@ class ModelManager:
         res.engine.close()
         self._release(res.model)
         res.model = res.engine = None
-        freeze_heap(thaw=True)
+        self._meta_threads.submit(freeze_heap, thaw=True)
 
     async def trim_pool(self) -> None:
         """Keep idle pooled buffers only while resident models + pool stay within the budget,

@@ -68,17 +68,33 @@ def warm_device(device: str) -> None:
         log.debug("warming %s failed", device, exc_info=True)
 
 
-def freeze_heap(*, thaw: bool = False) -> None:
-    """Collect, then move every surviving object to the collector's permanent generation
-    (``gc.freeze``), after the warm-up and after each load or unload (in a worker thread).
+_freezing = False
+
+
+def enable_heap_freezing() -> None:
+    """Let :func:`freeze_heap` act: ``sllm serve`` owns its process's collector; a program
+    that embeds the server keeps its own (and the test suite its)."""
+    global _freezing
+    _freezing = True
+
+
+def freeze_heap(*, collect: bool = True, thaw: bool = False) -> None:
+    """Move every object to the collector's permanent generation (``gc.freeze``), so that
+    full collections stop scanning them.
 
     A serving process holds about 250,000 objects (torch, transformers, the models' modules);
     a full collection scans them all, about 140 ms with every thread stopped on this
     project's CI machine: a pause in every stream (and the longest gap of a live migration,
-    whose rounds allocate). Frozen objects are never scanned. ``thaw``: unfreeze first (an
-    unload: a model's cyclic garbage must be collectable again).
+    whose rounds allocate). Called with ``collect`` after the warm-up (at start), without it
+    after a load (instant: nothing on the cold start's path), and with ``thaw`` after an
+    unload, in a background thread: unfreeze, so that the model's and its engine's cyclic
+    garbage (KV cache tensors among it) is collected, then collect and freeze again. Does
+    nothing until :func:`enable_heap_freezing`.
     """
+    if not _freezing:
+        return
     if thaw:
         gc.unfreeze()
-    gc.collect()
+    if collect:
+        gc.collect()
     gc.freeze()
