@@ -143,11 +143,10 @@ class NodeTiers:
         Raises:
             RemoteError: the remote cannot be reached. ManifestError: a bad manifest.
         """
-        import json
-
         from sllm.core.cache.base import MAX_METADATA_BYTES
+        from sllm.core.cache.pipeline import json_object
         from sllm.core.format import MANIFEST_FILE, parse_manifest
-        from sllm.errors import ManifestError, RemoteError
+        from sllm.errors import RemoteError
 
         remote = self.cache.remote()
         path = f"{model}/{MANIFEST_FILE}"
@@ -157,13 +156,7 @@ class NodeTiers:
             if getattr(exc, "not_found", False):
                 return None
             raise
-        try:
-            doc = json.loads(data)
-        except ValueError as exc:
-            raise ManifestError(f"{remote.url_of(path)}: cannot parse JSON ({exc})") from exc
-        if not isinstance(doc, dict):
-            raise ManifestError(f"{remote.url_of(path)}: expected a JSON object")
-        return parse_manifest(doc, remote.url_of(path)).total_bytes
+        return parse_manifest(json_object(data, remote.url_of(path)), remote.url_of(path)).total_bytes
 
     def remote_has(self, model: str) -> bool:
         """True when the remote holds ``model`` (one request for its manifest). Blocking.

@@ -49,7 +49,12 @@ class RemoteModel:
         return self.manifest.total_bytes + len(self.manifest_bytes) + len(self.index_bytes) + sum(self.files.values())
 
 
-def _json(data: bytes, where: str) -> dict[str, Any]:
+def json_object(data: bytes, where: str) -> dict[str, Any]:
+    """The JSON object in ``data`` (a manifest or tensor index read from ``where``).
+
+    Raises:
+        ManifestError: not JSON, or not an object.
+    """
     try:
         doc = json.loads(data)
     except ValueError as exc:
@@ -68,9 +73,9 @@ def fetch_metadata(remote: Remote, model: str) -> RemoteModel:
     """
     manifest_path, index_path = f"{model}/{MANIFEST_FILE}", f"{model}/{INDEX_FILE}"
     manifest_bytes = remote.read_bytes(manifest_path, max_bytes=MAX_METADATA_BYTES)
-    manifest = parse_manifest(_json(manifest_bytes, remote.url_of(manifest_path)), remote.url_of(manifest_path))
+    manifest = parse_manifest(json_object(manifest_bytes, remote.url_of(manifest_path)), remote.url_of(manifest_path))
     index_bytes = remote.read_bytes(index_path, max_bytes=MAX_METADATA_BYTES)
-    tensors = parse_index(_json(index_bytes, remote.url_of(index_path)), manifest, remote.url_of(index_path))
+    tensors = parse_index(json_object(index_bytes, remote.url_of(index_path)), manifest, remote.url_of(index_path))
     for p in manifest.partitions:
         size = remote.size(f"{model}/{p.file}")
         if size != p.nbytes:
