@@ -313,7 +313,10 @@ class Completion:
         """The handover: ``remote`` generates from now on; the local copy is dropped (KV
         freed) and the lease given back. Tokens the local copy streamed and that are still
         queued keep their places: the remote's start at the next position."""
-        local, self.gen = self.gen, remote
+        local = self.gen
+        for token in local.tokens[len(self.tokens):]:  # appended before the hold, their callbacks not run yet
+            self.deliver(local, len(self.tokens), token)
+        self.gen = remote
         self._handed_at = time.monotonic()
         gone = local.done  # cancelled while paused (the client left)
         local.cancel()
