@@ -31,7 +31,9 @@ from sllm.server import schemas
 from sllm.server.migration import MigrationLog, Peer
 from sllm.server.migration_in import IncomingMigrations, UnknownMigration
 from sllm.server.migration_out import migrate_out, new_migration_id
-from sllm.server.models import ModelManager
+from sllm.server.models import ModelLoadFailed, ModelManager
+from sllm.server.requests import unavailable
+from sllm.server.state import ShuttingDown
 
 log = logging.getLogger("sllm.server")
 
@@ -218,6 +220,8 @@ def add_migration_routes(app: FastAPI, service: Migrations, error: Any) -> None:
             return await service.incoming.prepare(body.id, body.model, body.source)
         except MigrationError as exc:
             return failed(exc)
+        except (ModelLoadFailed, ShuttingDown) as exc:  # 503: the source carries on
+            return unavailable(exc, 0.0)
 
     @app.post("/v1/migrations/incoming/{mid}/rounds", responses=answers)
     async def round_(mid: str, body: RoundRequest) -> Any:
