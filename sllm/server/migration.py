@@ -132,7 +132,7 @@ class Peer:
             r = await self.client.post(self.url + path, json=body, headers=self.headers, timeout=timeout)
         except httpx.HTTPError as exc:
             raise MigrationError(f"{step}: {self.url} unreachable: {type(exc).__name__}: {exc}") from exc
-        return _answer(r, self.url, step)
+        return _answer(r, step)
 
     async def delete(self, path: str, *, timeout: float = ABORT_SECONDS) -> None:
         """Best effort; never raises."""
@@ -156,7 +156,7 @@ class Peer:
         if resp.status_code != 200:
             await resp.aread()
             await resp.aclose()
-            _answer(resp, self.url, "stream")
+            _answer(resp, "stream")
 
         async def events() -> AsyncIterator[dict[str, Any]]:
             async for line in resp.aiter_lines():
@@ -166,15 +166,17 @@ class Peer:
         return resp, events()
 
 
-def _answer(r: httpx.Response, url: str, step: str) -> dict[str, Any]:
+def _answer(r: httpx.Response, step: str) -> dict[str, Any]:
+    """The JSON object of a good answer. Raises: MigrationError: an error status (the
+    message is the client's: URL, status, the node's own message)."""
+    from sllm.client import _message
+
+    if r.status_code >= 400:
+        raise MigrationError(f"{step}: {_message(r)}")
     try:
         body = r.json()
     except ValueError:
         body = {}
-    if r.status_code >= 400:
-        err = body.get("error") if isinstance(body, dict) else None
-        msg = err.get("message") if isinstance(err, dict) else r.text[:200]
-        raise MigrationError(f"{step}: {url} answered {r.status_code}: {msg}")
     return body if isinstance(body, dict) else {}
 
 
