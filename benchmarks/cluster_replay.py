@@ -44,7 +44,10 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
-TRACE = Path(os.environ.get("SLLM_TRACES", ROOT.parent.parent / "shared" / "traces")) / "AzureLLMInferenceTrace_conv.csv"
+#: The Azure conversation trace: $SLLM_TRACES, else ``shared/traces`` beside the checkout or a folder above it.
+TRACES = os.environ.get("SLLM_TRACES") or next(
+    (p / "shared" / "traces" for p in ROOT.parents if (p / "shared" / "traces").is_dir()), ROOT.parent / "shared" / "traces")
+TRACE = Path(TRACES) / "AzureLLMInferenceTrace_conv.csv"
 CONFIG = dict(n_layer=2, n_embd=256, n_head=4)  # about 59 MB in float32
 FORWARDED = "x-sllm-forwarded-by"
 NODES = ("a", "b", "c")
