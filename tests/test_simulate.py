@@ -184,3 +184,17 @@ def test_a_request_entering_at_another_node_pays_the_front_door_hop():
     assert [r.node for r in res.records] == ["a", "a", "a"]
     # cold through b (hop + 0.625 s load + 0.11 s prefill), warm through b (hop + prefill), warm at a (prefill)
     assert [r.ttft_seconds for r in res.records] == pytest.approx([0.05 + 0.735, 0.05 + 0.11, 0.11])
+
+
+def test_initial_copies_beyond_the_ssd_capacity_keep_the_models_listed_first():
+    from dataclasses import replace
+
+    from sllm.core.inventory import TierSpec
+
+    spec = gpu_node("a")
+    small = replace(spec, tiers={**spec.tiers, "ssd": TierSpec("ssd", 2.0, capacity_bytes=2 * GB)})
+    models = {"m0": GB, "m1": GB, "m2": GB, "m3": GB}  # listed by popularity, as assign_models' Zipf ranks them
+    sim = Simulation(Inventory({"a": small}), models, [], "sllm", CFG)
+    assert list(sim.nodes["a"].ssd.items) == ["m1", "m0"]  # m0 put last: the most recently used
+    two = Simulation(Inventory({"a": small, "b": replace(small, name="b")}), models, [], "sllm", CFG)
+    assert sorted(two.nodes["a"].ssd.items) == ["m0", "m2"] and sorted(two.nodes["b"].ssd.items) == ["m1", "m3"]

@@ -69,7 +69,8 @@ class SimConfig:
 
     Attributes:
         keep_alive_seconds: idle seconds before a model unloads (as ``sllm serve --keep-alive``).
-        replicas: SSD copies of each model at the start, placed round-robin over the nodes.
+        replicas: SSD copies of each model at the start, placed round-robin over the nodes; a
+            node whose SSD capacity cannot hold all its copies keeps the models listed first.
         prefill: the prefill fit of nodes that give none (``[nodes.X.engine]``).
         decode_seconds_per_token: decode time per generated token of nodes that give none.
         seed: seeds the ``random`` and ``availability`` choices.
@@ -312,7 +313,9 @@ class Simulation:
         for node in self.nodes.values():
             node.mean_generated = mean_gen  # as a node's /status reports its own mean completion length
         names = list(self.nodes)
-        for i, (m, nbytes) in enumerate(self.models.items()):
+        # placed last to first, so that an SSD too small for all its copies keeps the models listed first
+        # (the most popular under assign_models' Zipf order), not the last ones put
+        for i, (m, nbytes) in reversed(list(enumerate(self.models.items()))):
             for k in range(min(config.replicas, len(names))):
                 self.nodes[names[(i + k) % len(names)]].ssd.put(m, nbytes)
 
