@@ -16,12 +16,15 @@ A program, not a test: it prints tables and one JSON line, and asserts nothing o
    a warm request through another node less the same request sent straight) and compares
    P50 and P99.
 2. **Policy table** (``--policy-table``, no servers): the simulated policies on the Azure
-   conversation trace at several rates, on ``benchmarks/gpu_cluster.toml``.
+   conversation trace at several rates, on ``benchmarks/gpu_cluster.toml`` (or ``--inventory``,
+   e.g. ``benchmarks/gpu_cluster_contended.toml``: one 13.4 GB model per GPU), each model's
+   checkpoint on ``--replicas`` nodes' SSD at the start.
 
 Usage::
 
     .venv/bin/python benchmarks/cluster_replay.py --duration 150 --rps 1.0
     .venv/bin/python benchmarks/cluster_replay.py --policy-table --rates 0.5,1,2,3
+    .venv/bin/python benchmarks/cluster_replay.py --policy-table --inventory benchmarks/gpu_cluster_contended.toml
 """
 
 from __future__ import annotations
@@ -235,23 +238,26 @@ def pct(xs: list[float], p: float) -> float:
     return percentile(xs, p)
 
 
-def policy_table(rates: list[float], duration: float, seed: int) -> list[dict]:
+def policy_table(rates: list[float], duration: float, seed: int, inventory: Path = BENCH / "gpu_cluster.toml",
+                 replicas: int = 1) -> list[dict]:
     from sllm.core.inventory import TomlInventory
     from sllm.core.simulate import POLICIES, SimConfig, simulate
     from sllm.core.workload import assign_models, parse_models, read_azure_trace
 
-    inv = TomlInventory(BENCH / "gpu_cluster.toml").load()
+    inv = TomlInventory(inventory).load()
     sizes = parse_models("opt-6.7b=13.4GBx64")
     rows = []
     for rps in rates:
         reqs = assign_models(read_azure_trace(TRACE, rps=rps, duration=duration), list(sizes), seed=seed,
                              popularity="zipf:1")
-        for res in simulate(inv, sizes, reqs, POLICIES, SimConfig(seed=seed)):
+        for res in simulate(inv, sizes, reqs, POLICIES, SimConfig(seed=seed, replicas=replicas)):
             rows.append({"rps": rps, "requests": len(reqs), "policy": res.policy, "mean": res.ttft_mean_seconds,
                          "p50": res.ttft_p50_seconds, "p99": res.ttft_p99_seconds, "warm": res.warm_fraction,
                          "queued": res.queued_requests, "migrations": res.migrations, "loads": res.loads})
-    print(f"simulated policies, {TRACE.name}, {duration:g} s at each rate, 4 nodes x 4 GPUs (24 GB), "
-          "64 x 13.4 GB models, Zipf(1) popularity (benchmarks/gpu_cluster.toml)")
+    budgets = sorted({s.memory_budget_bytes or 0 for s in inv.nodes.values()})
+    print(f"simulated policies, {TRACE.name}, {duration:g} s at each rate, {len(inv.nodes)} nodes "
+          f"({'/'.join(f'{b / 1e9:g}' for b in budgets)} GB of weights each), 64 x 13.4 GB models, Zipf(1) popularity, "
+          f"{replicas} SSD cop{'y' if replicas == 1 else 'ies'} of each at the start ({inventory.name})")
     print(f"{'rps':>5} {'policy':<18}{'mean s':>9}{'P50 s':>9}{'P99 s':>9}{'warm':>7}{'queued':>8}{'migr':>6}  "
           f"{'P99 vs sllm':>11}")
     for rps in rates:
@@ -277,10 +283,16 @@ def main() -> int:
     ap.add_argument("--policy-table", action="store_true", help="only the simulated policy table (no servers)")
     ap.add_argument("--rates", default="0.5,1,2,3", help="with --policy-table: request rates, req/s")
     ap.add_argument("--table-duration", type=float, default=1200.0, help="with --policy-table: trace seconds")
+    ap.add_argument("--inventory", type=Path, default=BENCH / "gpu_cluster.toml",
+                    help="with --policy-table: the cluster (default benchmarks/gpu_cluster.toml)")
+    ap.add_argument("--replicas", type=int, default=1,
+                    help="with --policy-table: SSD copies of each model at the start (default 1)")
     args = ap.parse_args()
     if args.policy_table:
-        rows = policy_table([float(x) for x in args.rates.split(",")], args.table_duration, args.seed)
-        print(json.dumps({"benchmark": "cluster_policy_table", "trace": TRACE.name, "rows": rows}))
+        rows = policy_table([float(x) for x in args.rates.split(",")], args.table_duration, args.seed, args.inventory,
+                            args.replicas)
+        print(json.dumps({"benchmark": "cluster_policy_table", "trace": TRACE.name, "inventory": str(args.inventory),
+                          "replicas": args.replicas, "rows": rows}))
         return 0
 
     from tier_pipeline import ChildServer
