@@ -127,6 +127,19 @@ def test_busy_node_is_unavailable_without_migration_and_migrates_with_it():
     assert get_migrator() is None  # --apply refuses migrations until the migration issue registers one
 
 
+def test_a_busy_model_only_the_remote_holds_stays_and_one_a_peer_holds_moves():
+    # x (fewer tokens, tried first) is in no peer's tier: b would pull it from the remote, so it stays;
+    # y is on b's SSD and moves there
+    inv = Inventory({n: gpu_node(n) for n in ("a", "b")}, model_bytes={"m": GB})
+    x = ResidentModel("x", GB, requests=(RunningRequest("r1", 10, 1),))
+    y = ResidentModel("y", GB, requests=(RunningRequest("r2", 200, 50),))
+    states = {"a": state("a", tiers={"m": ("dram",)}, resident=[x, y], budget=2 * GB),
+              "b": state("b", tiers={"y": ("ssd",)}, budget=2 * GB)}
+    a = next(o for o in plan("m", inv, states, migration=True).options if o.node == "a")
+    [move] = a.migrate
+    assert (move.model, move.destination) == ("y", "b") and move.load_seconds == pytest.approx(0.625)
+
+
 def test_busy_node_waits_for_room_when_it_reports_decode_rate_and_completion_length():
     inv = cluster("a", "b")
     busy = ResidentModel("x", 2 * GB, requests=(RunningRequest("r1", 100, 20), RunningRequest("r2", 300, 80)))
