@@ -6,13 +6,15 @@ A program, not a test: it prints tables and one JSON line, and asserts nothing o
    to the sllm format), puts them on a remote served over HTTP on loopback and throttled
    (a child process, ``benchmarks/tier_pipeline.py``'s server), and profiles the node as
    ``sllm load-bench --tiers`` does (SSD cold read, DRAM, one remote pull of a probe model,
-   the loader's fixed cost, and each tier's load path on the probe: fixed cost and
-   bandwidth). Then, for each model and each tier, it measures the cold start
+   the loader's fixed cost, each tier's load path on the probe: fixed cost and
+   bandwidth, and the fixed costs' part per tensor, against the built-in tiny GPT-2).
+   Then, for each model and each tier, it measures the cold start
    the way ``sllm serve`` does it (``NodeTiers.fetch`` then the load from the DRAM lease):
    from the remote (an empty cache), from SSD (DRAM entry evicted, page cache evicted) and
    from DRAM (a hit), and compares the median with
    :func:`sllm.core.estimator.estimate_load` on that profile, and on the same profile
-   without the load paths (the stage model that older profiles get).
+   without the load paths (the stage model that older profiles get), and on the profile
+   without the per-tensor part (the previous calibration).
 2. **Migration estimate.** It times prefills of the largest model at several prompt lengths,
    fits ``a * tokens + b`` (:func:`sllm.core.estimator.fit_prefill`) on every other length
    and predicts the others.
@@ -91,11 +93,12 @@ def node_tiers(cache_dir: Path, url: str, nbytes: int):
 
 def measure_loads(models: dict[str, Path], url: str, work: Path, runs: int) -> list[dict]:
     from sllm.core.format import open_checkpoint
+    from sllm.core.loadpath import tensor_count
     from sllm.io.reader import evict_page_cache
 
     rows = []
     for name, path in models.items():
-        nbytes = open_checkpoint(path).manifest.total_bytes
+        nbytes, tensors = open_checkpoint(path).manifest.total_bytes, tensor_count(path)
         times: dict[str, list[float]] = {"remote": [], "ssd": [], "dram": []}
         for run in range(runs):
             cache_dir = work / f"cache-{name}-{run}"
@@ -111,8 +114,8 @@ def measure_loads(models: dict[str, Path], url: str, work: Path, runs: int) -> l
                 tiers.close()
                 shutil.rmtree(cache_dir, ignore_errors=True)
         for tier, ts in times.items():
-            rows.append({"model": name, "nbytes": nbytes, "tier": tier, "measured_seconds": statistics.median(ts),
-                         "runs": ts})
+            rows.append({"model": name, "nbytes": nbytes, "tensors": tensors, "tier": tier,
+                         "measured_seconds": statistics.median(ts), "runs": ts})
     return rows
 
 
@@ -124,7 +127,7 @@ def profile(models: dict[str, Path], url: str, work: Path, runs: int):
     from dataclasses import replace
 
     from sllm.core.format import open_checkpoint
-    from sllm.core.loadpath import cache_read_threads, measure_load_paths
+    from sllm.core.loadpath import cache_read_threads, measure_load_paths, measure_tensor_cost
     from sllm.core.profile import (
         TierBandwidth,
         build_profile,
@@ -147,19 +150,16 @@ def profile(models: dict[str, Path], url: str, work: Path, runs: int):
                            "pull into SSD and DRAM, pipelined", url)
     tiers = {"ssd": ssd, "dram": dram, "remote": remote}
     tiers = {t: replace(b, load_fixed_seconds=paths[t].fixed_seconds, load_gbps=paths[t].gbps) for t, b in tiers.items()}
-    return build_profile(tiers, loader_fixed_seconds=fixed, name="this-node"), paths
+    cost = measure_tensor_cost(probe, work_dir=work, runs=runs)
+    return build_profile(tiers, loader_fixed_seconds=fixed, name="this-node", tensor_cost=cost), paths
 
 
-def one_fixed_cost(node, paths):
-    """The previous calibration, for comparison: one fixed cost for every tier (the probe's
-    DRAM hit) and each tier's bandwidth from what its cold start took beyond it."""
+def without_tensor_cost(node):
+    """The previous calibration, for comparison: the load paths as measured on the probe, with
+    no correction for another model's tensor count."""
     from dataclasses import replace
 
-    fixed, tiers = paths["dram"].seconds, dict(node.tiers)
-    for t, p in paths.items():
-        g = p.nbytes / (p.seconds - fixed) / 1e9 if t != "dram" and p.seconds > fixed else None
-        tiers[t] = replace(tiers[t], load_fixed_seconds=fixed, load_gbps=g)
-    return replace(node, tiers=tiers)
+    return replace(node, load_seconds_per_tensor=None, load_probe_tensors=None)
 
 
 def stage_model(node):
@@ -230,12 +230,12 @@ def main() -> int:
     finally:
         server.close()
     node = parse_node("this-node", prof.to_toml_dict()["node"], where="profile")  # as load-bench --tiers writes it
-    older, single = stage_model(node), one_fixed_cost(node, paths)
+    older, single = stage_model(node), without_tensor_cost(node)
     for r in rows:
         est = estimate_load(older, r["model"], r["tier"], r["nbytes"])
-        cal = estimate_load(node, r["model"], r["tier"], r["nbytes"])
+        cal = estimate_load(node, r["model"], r["tier"], r["nbytes"], tensors=r["tensors"])
         one = estimate_load(single, r["model"], r["tier"], r["nbytes"]).total_seconds
-        r.update(one_fixed_seconds=one, one_fixed_error=err(one, r["measured_seconds"]))
+        r.update(untensored_seconds=one, untensored_error=err(one, r["measured_seconds"]))
         r.update(predicted_seconds=est.total_seconds, transfer_seconds=est.transfer_seconds,
                  fixed_seconds=est.fixed_seconds, error=err(est.total_seconds, r["measured_seconds"]),
                  calibrated_seconds=cal.total_seconds, calibrated_error=err(cal.total_seconds, r["measured_seconds"]),
@@ -248,13 +248,15 @@ def main() -> int:
           f"dram {prof.tiers['dram'].gbps:.3f} GB/s, remote {prof.tiers['remote'].gbps:.3f} GB/s "
           f"(HTTP throttled to {args.throttle_mbps:g} MB/s), loader fixed {prof.loader_fixed_seconds * 1e3:.1f} ms")
     print(f"load paths (probe {SIZES[1][0]}, as load-bench --tiers): " + ", ".join(
-        f"{t} fixed {p.fixed_seconds * 1e3:.1f} ms + bytes / {p.gbps or float('inf'):.3f} GB/s" for t, p in paths.items()))
+        f"{t} fixed {p.fixed_seconds * 1e3:.1f} ms + bytes / {p.gbps or float('inf'):.3f} GB/s" for t, p in paths.items())
+        + (f"; {prof.seconds_per_tensor * 1e6:.1f} us per tensor ({prof.probe_tensors} in the probe)"
+           if prof.seconds_per_tensor is not None else "; no per-tensor cost"))
     print(f"{'model':<11}{'MB':>7}  {'tier':<7}{'measured s':>11}{'stage model s':>14}{'error':>8}"
-          f"{'one fixed s':>12}{'error':>8}{'load path s':>12}{'error':>8}")
+          f"{'no tensors s':>13}{'error':>8}{'load path s':>12}{'error':>8}")
     for r in rows:
-        print(f"{r['model']:<11}{r['nbytes'] / 1e6:>7.0f}  {r['tier']:<7}{r['measured_seconds']:>11.3f}"
-              f"{r['predicted_seconds']:>14.3f}{r['error']:>8.1%}{r['one_fixed_seconds']:>12.3f}"
-              f"{r['one_fixed_error']:>8.1%}{r['calibrated_seconds']:>12.3f}{r['calibrated_error']:>8.1%}")
+        print(f"{r['model']:<11}{r['nbytes'] / 1e6:>7.0f}  {r['tier']:<7}{r['measured_seconds']:>11.4f}"
+              f"{r['predicted_seconds']:>14.4f}{r['error']:>8.1%}{r['untensored_seconds']:>13.4f}"
+              f"{r['untensored_error']:>8.1%}{r['calibrated_seconds']:>12.4f}{r['calibrated_error']:>8.1%}")
 
     def stats(key: str, subset: list[dict]) -> tuple[float, float]:
         e = sorted(r[key] for r in subset)
@@ -264,11 +266,11 @@ def main() -> int:
     others = [r for r in rows if r["model"] != SIZES[1][0]]
     cmed, cp90 = stats("calibrated_error", others)
     amed, ap90 = stats("calibrated_error", rows)
-    omed, op90 = stats("one_fixed_error", others)
+    umed, up90 = stats("untensored_error", others)
     print(f"load estimate error, stage model (older profiles): median {med:.1%}, P90 {p90:.1%} over {len(rows)} "
           f"cases; load paths (this profile): median {cmed:.1%}, P90 {cp90:.1%} over the {len(others)} non-probe "
-          f"cases (median {amed:.1%}, P90 {ap90:.1%} over all {len(rows)}); one fixed cost (the previous "
-          f"calibration): median {omed:.1%}, P90 {op90:.1%} over the {len(others)} non-probe cases")
+          f"cases (median {amed:.1%}, P90 {ap90:.1%} over all {len(rows)}); load paths without the tensor count (the "
+          f"previous calibration): median {umed:.1%}, P90 {up90:.1%} over the {len(others)} non-probe cases")
     print(f"\nprefill fit on {fit.samples} lengths: a = {fit.a_seconds_per_token * 1e6:.1f} us/token, "
           f"b = {fit.b_seconds * 1e3:.1f} ms ({SIZES[-1][0]}, CPU)")
     print(f"{'tokens':>7}  {'role':<9}{'measured s':>11}{'predicted s':>12}{'error':>8}")
@@ -281,13 +283,15 @@ def main() -> int:
     print(json.dumps({
         "benchmark": "estimator_accuracy", "throttle_mbps": args.throttle_mbps, "runs": args.runs,
         "profile": prof.to_toml_dict()["node"]["tiers"], "loader_fixed_seconds": prof.loader_fixed_seconds,
-        "loads": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items() if k != "runs"} for r in rows],
+        "seconds_per_tensor": prof.seconds_per_tensor, "probe_tensors": prof.probe_tensors,
+        "loads": [{k: (round(v, 5) if isinstance(v, float) else [round(x, 5) for x in v] if k == "runs" else v)
+                   for k, v in r.items()} for r in rows],
         "load_error_median": round(med, 4), "load_error_p90": round(p90, 4),
         "load_paths": {t: {"seconds": p.seconds, "fixed_seconds": p.fixed_seconds, "gbps": p.gbps}
                        for t, p in paths.items()},
         "load_path_error_median": round(cmed, 4), "load_path_error_p90": round(cp90, 4),
         "load_path_error_median_all": round(amed, 4), "load_path_error_p90_all": round(ap90, 4),
-        "one_fixed_error_median": round(omed, 4), "one_fixed_error_p90": round(op90, 4),
+        "untensored_error_median": round(umed, 4), "untensored_error_p90": round(up90, 4),
         "prefill_fit": {"a_seconds_per_token": fit.a_seconds_per_token, "b_seconds": fit.b_seconds,
                         "samples": fit.samples},
         "prefill": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()} for r in pre],

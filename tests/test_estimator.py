@@ -91,6 +91,24 @@ def test_a_tiers_load_path_replaces_its_stages_and_the_loaders_fixed_cost():
     assert estimate_load(n, "m", "ssd", GB, queue=jobs).total_seconds == pytest.approx(0.52 + 0.42)
 
 
+def test_the_per_tensor_cost_corrects_each_load_paths_fixed_part_for_another_tensor_count():
+    from dataclasses import replace
+
+    n = replace(load_path_node(), load_seconds_per_tensor=1e-5, load_probe_tensors=100)
+    # 300 tensors: 200 more than the probe, 2 ms more on every tier with a load path
+    assert estimate_load(n, "m", "dram", GB, tensors=300).total_seconds == pytest.approx(0.005)
+    assert estimate_load(n, "m", "ssd", GB, tensors=300).fixed_seconds == pytest.approx(0.022)
+    assert estimate_load(n, "m", "dram", GB, tensors=50).total_seconds == pytest.approx(0.0025)
+    assert estimate_load(n, "m", "dram", GB, tensors=1).total_seconds == pytest.approx(0.00201)
+    # far fewer tensors than the correction can take: clamped at 0, never negative
+    assert estimate_load(replace(n, load_seconds_per_tensor=1e-3), "m", "dram", GB, tensors=1).total_seconds == 0.0
+    # no count, or a profile without the per-tensor cost: the probe's fixed part as measured
+    assert estimate_load(n, "m", "dram", GB).total_seconds == pytest.approx(0.003)
+    assert estimate_load(load_path_node(), "m", "dram", GB, tensors=300).total_seconds == pytest.approx(0.003)
+    # a tier without a load path keeps the loader's fixed cost, whatever the count
+    assert estimate_load(n, "m", "remote", GB, tensors=300).fixed_seconds == 0.1
+
+
 def test_cpu_node_needs_no_copy_from_dram():
     n = NodeSpec("c", "http://c:1", device_kind="cpu", tiers={"ssd": TierSpec("ssd", 2.0)}, loader_fixed_seconds=0.05,
                  chunk_bytes=GB // 4)

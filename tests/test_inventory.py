@@ -47,6 +47,8 @@ load_fixed_seconds = 0.002
 [nodes.b.loader]
 fixed_seconds = 0.008
 pipelined = false
+seconds_per_tensor = 0.00002
+probe_tensors = 77
 
 [nodes.a]
 url = "http://127.0.0.1:9001"
@@ -68,6 +70,8 @@ def test_parse_sample(tmp_path):
     assert b.loader_fixed_seconds == 0.008 and b.pipelined is False and b.memory_budget_bytes == 4_000_000_000
     assert (b.tiers["ssd"].load_fixed_seconds, b.tiers["ssd"].load_gbps) == (0.017, 2.9)
     assert (b.tiers["dram"].load_fixed_seconds, b.tiers["dram"].load_gbps) == (0.002, None)
+    assert (b.load_seconds_per_tensor, b.load_probe_tensors) == (0.00002, 77)
+    assert (inv.nodes["a"].load_seconds_per_tensor, inv.nodes["a"].load_probe_tensors) == (None, None)
     assert b.api_key({"KEY_B": "s3cret"}) == "s3cret" and inv.nodes["a"].api_key({}) is None
     assert b.admin_key({"KEY_B": "s3cret", "ADMIN_B": "root"}) == "root"
     assert inv.nodes["a"].admin_key({}) is None and replace(b, admin_key_env=None).admin_key({"KEY_B": "k"}) == "k"
@@ -87,6 +91,11 @@ def test_parse_sample(tmp_path):
     ('[nodes.a]\nurl = "http://x"\n[nodes.a.tiers.ssd]\ngbps = 1\nload_fixed_seconds = -1',
      "tiers.ssd.load_fixed_seconds = -1"),
     ('[models.m]\nnbytes = "big"', "models.m: nbytes = 'big'"),
+    ('[nodes.a]\nurl = "http://x"\n[nodes.a.loader]\nseconds_per_tensor = 1e-5', "loader.probe_tensors = None"),
+    ('[nodes.a]\nurl = "http://x"\n[nodes.a.loader]\nseconds_per_tensor = 1e-5\nprobe_tensors = 0',
+     "loader.probe_tensors = 0"),
+    ('[nodes.a]\nurl = "http://x"\n[nodes.a.loader]\nseconds_per_tensor = -1\nprobe_tensors = 9',
+     "loader.seconds_per_tensor = -1"),
     ("[nodes.a\n", "not valid TOML"),
 ])
 def test_bad_inventory_names_file_and_key(tmp_path, bad, message):
@@ -105,13 +114,14 @@ def test_missing_file(tmp_path):
 def test_add_profile_merges_a_written_node_profile(tmp_path):
     prof = build_profile({"ssd": TierBandwidth("ssd", 3.51, 1 << 30, 0.3, 8), "dram": TierBandwidth("dram", 7.8, 1, 1),
                           "remote": TierBandwidth("remote", 0.275, 1, 1)},
-                         loader_fixed_seconds=0.008, name="n1", capacities={"ssd": 10**12})
+                         loader_fixed_seconds=0.008, name="n1", capacities={"ssd": 10**12}, tensor_cost=(1.9e-5, 77))
     path = write_profile(prof, tmp_path / "node-profile.toml")
     inv_path = tmp_path / "cluster.toml"
     store = TomlInventory(inv_path)
     spec = store.add_profile(read_profile(path), url="http://10.0.0.5:8343", api_key_env="K1")
     assert spec.name == "n1" and spec.url == "http://10.0.0.5:8343" and spec.tiers["ssd"].gbps == 3.51
     assert spec.tiers["ssd"].capacity_bytes == 10**12 and spec.loader_fixed_seconds == 0.008
+    assert (spec.load_seconds_per_tensor, spec.load_probe_tensors) == (1.9e-5, 77)
     store.add_profile(read_profile(path), name="n2", url="http://10.0.0.6:8343")
     again = store.add_profile(read_profile(path), url="http://10.0.0.7:8343")  # same name: replaced
     inv = store.load()

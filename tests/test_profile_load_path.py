@@ -48,3 +48,18 @@ def test_measure_load_paths_times_each_tier_as_serve_loads(tiny_sllm_gpt2, tmp_p
     assert paths["ssd"].gbps > 0 and paths["ssd"].predict(nbytes) == pytest.approx(paths["ssd"].seconds)
     assert not list((tmp_path / "ssd").glob(".sllm-tmp-*"))  # the probe caches are gone
     assert sorted(p.name for p in (tmp_path / "ssd").iterdir()) == ["tiny"]
+
+
+def test_tensor_cost_times_shallow_copies_of_the_architecture_and_cleans_up(tiny_sllm_gpt2, tmp_path):
+    from sllm.core.convert import convert
+    from sllm.core.loadpath import measure_tensor_cost, tensor_count
+    from sllm.zoo import TINY_GPT2, build_random_checkpoint
+
+    model = tmp_path / "ssd" / "tiny"
+    shutil.copytree(tiny_sllm_gpt2, model)
+    per_tensor, probe_tensors = measure_tensor_cost(model, runs=1, dram_repeats=3)
+    assert probe_tensors == tensor_count(model) and 0 <= per_tensor < 0.01
+    assert sorted(p.name for p in (tmp_path / "ssd").iterdir()) == ["tiny"]  # its copies and cache are gone
+    one = tmp_path / "one" / "gpt2-1"
+    convert(build_random_checkpoint("gpt2", tmp_path / "hf", **{**TINY_GPT2, "n_layer": 1}), one)
+    assert measure_tensor_cost(one, runs=1) is None  # a single layer: no shallower copy to compare with

@@ -26,7 +26,12 @@ into a fixed part and a per-byte part, :mod:`sllm.core.loadpath`), a load from t
 ``q(n) + nbytes / load_gbps + load_fixed_seconds`` instead: one stage, the tier's own
 fixed cost. Each tier's fixed costs differ (a pull's metadata round trips and entry commit,
 an SSD entry's lease and side files); one node-wide ``c(n)`` misestimates the small, fast
-loads where they dominate (``benchmarks/estimator_accuracy.py``).
+loads where they dominate (``benchmarks/estimator_accuracy.py``). Those fixed parts were
+timed on one model; a model with another tensor count builds a bigger or smaller skeleton
+and more or fewer views, so when the profile has the per-tensor cost
+(``loader.seconds_per_tensor``, timed against a tiny model: :func:`sllm.core.loadpath.measure_tensor_cost`)
+and the caller knows the model's tensor count, the fixed part is
+``load_fixed_seconds + seconds_per_tensor * (tensors - probe_tensors)``, at least 0.
 
 **Migration time** of a running request (paper §6.2)::
 
@@ -140,11 +145,17 @@ def _load_path(node: NodeSpec, tier: str) -> TierSpec | None:
     return spec if spec is not None and spec.load_fixed_seconds is not None else None
 
 
-def fixed_seconds(node: NodeSpec, tier: str) -> float:
+def fixed_seconds(node: NodeSpec, tier: str, tensors: int | None = None) -> float:
     """The fixed cost of a load from ``tier`` on ``node``, seconds: the tier's measured
-    load-path fixed cost when the profile has one, else the loader's (module docstring)."""
+    load-path fixed cost when the profile has one (corrected for a model of ``tensors``
+    tensors when the profile has the per-tensor cost), else the loader's (module docstring)."""
     path = _load_path(node, tier)
-    return path.load_fixed_seconds if path is not None else node.loader_fixed_seconds  # type: ignore[return-value]
+    if path is None:
+        return node.loader_fixed_seconds
+    fixed: float = path.load_fixed_seconds  # type: ignore[assignment]
+    if tensors is not None and node.load_seconds_per_tensor is not None and node.load_probe_tensors is not None:
+        fixed = max(0.0, fixed + node.load_seconds_per_tensor * (tensors - node.load_probe_tensors))
+    return fixed
 
 
 def transfer_stages(node: NodeSpec, tier: str, nbytes: int, *, remote_gbps: float | None = None) -> list[Stage]:
@@ -237,6 +248,7 @@ def estimate_load(
     *,
     queue: Iterable[LoaderJob] = (),
     remote_gbps: float | None = None,
+    tensors: int | None = None,
 ) -> LoadEstimate:
     """The load time of ``model`` on ``node`` from ``tier`` (paper §6.1; module docstring).
 
@@ -247,6 +259,8 @@ def estimate_load(
         nbytes: checkpoint bytes.
         queue: the node's loader queue (:class:`LoaderJob`, the running one first).
         remote_gbps: the inventory's default remote bandwidth.
+        tensors: the checkpoint's tensor count (its tensor index), for the per-tensor part of
+            the fixed cost; None: as many as the model the profile was measured on.
 
     Raises:
         EstimateError: the profile lacks a bandwidth the path needs.
@@ -257,7 +271,7 @@ def estimate_load(
     chunks = max(1, math.ceil(nbytes / node.chunk_bytes))
     transfer = pipeline_seconds(stages, pipelined=node.pipelined, chunks=chunks)
     queued = queue_seconds(node, queue, remote_gbps=remote_gbps, tier=tier)
-    fixed = fixed_seconds(node, tier)
+    fixed = fixed_seconds(node, tier, tensors)
     return LoadEstimate(node.name, model, tier, nbytes, stages, node.pipelined, chunks, transfer, queued, fixed,
                         queued + transfer + fixed)
 

@@ -45,6 +45,8 @@ The TOML format (``man sllm-schedule-plan``)::
     gbps = 0.275                  # the remote pull, remote -> SSD + DRAM
     [nodes.a.loader]
     fixed_seconds = 0.008         # skeleton build + weight assignment per load
+    seconds_per_tensor = 0.000018 # the load paths' part that grows with the tensor count, and
+    probe_tensors = 77            #   the count of the model they were timed on (optional, see below)
     pipelined = true              # the tier cache pipelines a pull by chunk
     [nodes.a.engine]              # for --simulate (optional; defaults otherwise)
     prefill_a_seconds_per_token = 0.0001
@@ -55,7 +57,10 @@ The TOML format (``man sllm-schedule-plan``)::
 times a cold start from each tier the way ``sllm serve`` does it: :mod:`sllm.core.loadpath`)
 replace that tier's stage model and the loader's fixed cost in the estimate: a load from the
 tier takes ``load_fixed_seconds + bytes / load_gbps`` (no ``load_gbps``: the fixed part only,
-as a DRAM hit on the CPU). Profiles without them are read as before.
+as a DRAM hit on the CPU). Profiles without them are read as before. ``loader.seconds_per_tensor``
+and ``loader.probe_tensors`` (``load-bench --tiers`` writes them too) correct those fixed parts
+for a model with another tensor count: ``+ seconds_per_tensor * (tensors - probe_tensors)``
+(building the skeleton and its views costs per tensor; a DRAM hit on the CPU is nothing else).
 
 It does not estimate or decide: :mod:`sllm.core.estimator` and :mod:`sllm.core.scheduler` do.
 """
@@ -131,6 +136,9 @@ class NodeSpec:
             devices' memory. A node's ``/status`` overrides it.
         tiers: tier name -> :class:`TierSpec`.
         loader_fixed_seconds: the loader's fixed cost per load, seconds.
+        load_seconds_per_tensor: the load paths' fixed parts' cost per tensor, seconds (None:
+            not measured); they were measured on a model of ``load_probe_tensors`` tensors.
+        load_probe_tensors: that model's tensor count.
         pipelined: True when the node's tier cache pipelines a pull by chunk (remote -> SSD ->
             DRAM at once); False: each stage waits for the previous one.
         chunk_bytes: the pipeline's grain, bytes (its fill cost is one chunk through the stages).
@@ -149,6 +157,8 @@ class NodeSpec:
     max_memory_bytes: int | None = None
     tiers: Mapping[str, TierSpec] = field(default_factory=dict)
     loader_fixed_seconds: float = 0.0
+    load_seconds_per_tensor: float | None = None
+    load_probe_tensors: int | None = None
     pipelined: bool = True
     chunk_bytes: int = 16 * 1024 * 1024
     prefill: PrefillFit | None = None
@@ -267,6 +277,7 @@ def parse_node(name: str, data: Mapping[str, Any], *, where: str) -> NodeSpec:
         fit = PrefillFit(_num(w, "engine.prefill_a_seconds_per_token", engine.get("prefill_a_seconds_per_token", 0.0)),
                          _num(w, "engine.prefill_b_seconds", engine.get("prefill_b_seconds", 0.0)), 0)
     decode = engine.get("decode_seconds_per_token")
+    spt = loader.get("seconds_per_tensor")
     return NodeSpec(
         name=name,
         url=url.rstrip("/"),
@@ -278,6 +289,9 @@ def parse_node(name: str, data: Mapping[str, Any], *, where: str) -> NodeSpec:
         max_memory_bytes=None if mm is None else _num(w, "max_memory_bytes", mm, kind=int),
         tiers=dict(sorted(tiers.items(), key=lambda kv: NODE_TIERS.index(kv[0]))),
         loader_fixed_seconds=_num(w, "loader.fixed_seconds", loader.get("fixed_seconds", 0.0)),
+        load_seconds_per_tensor=None if spt is None else _num(w, "loader.seconds_per_tensor", spt),
+        load_probe_tensors=None if spt is None else _num(w, "loader.probe_tensors", loader.get("probe_tensors"),
+                                                         kind=int, minimum=1),
         pipelined=pipelined,
         chunk_bytes=_num(w, "loader.chunk_bytes", loader.get("chunk_bytes", 16 * 1024 * 1024), kind=int, minimum=1),
         prefill=fit,
@@ -334,6 +348,8 @@ def node_entry(spec: NodeSpec) -> dict[str, Any]:
         out["tiers"][t.tier] = e
     out["loader"] = {"fixed_seconds": spec.loader_fixed_seconds, "pipelined": spec.pipelined,
                      "chunk_bytes": spec.chunk_bytes}
+    if spec.load_seconds_per_tensor is not None:
+        out["loader"].update(seconds_per_tensor=spec.load_seconds_per_tensor, probe_tensors=spec.load_probe_tensors)
     engine: dict[str, float] = {}
     if spec.prefill is not None:
         engine.update(prefill_a_seconds_per_token=spec.prefill.a_seconds_per_token,

@@ -17,6 +17,12 @@ Then ``fixed = seconds - bytes / bandwidth``. The fixed parts differ per tier (a
 metadata round trips and entry commit, the SSD entry's lease and side files, the skeleton);
 one node-wide fixed cost cannot stand for all of them (``benchmarks/estimator_accuracy.py``).
 
+Those fixed parts were timed on one model. Part of each grows with the model's tensor count
+(its skeleton's modules and buffers, one view per tensor: on the CPU a DRAM hit is nothing
+else), so :func:`measure_tensor_cost` times DRAM hits of two shallow copies of the same
+architecture and takes the per-tensor cost from the difference: the estimator corrects a
+fixed part by ``seconds_per_tensor * (tensors - probe_tensors)`` for a model of another size.
+
 The estimator (:mod:`sllm.core.estimator`) uses these figures when a node's profile has
 them. This module measures; it decides nothing and knows nothing of HTTP.
 """
@@ -222,3 +228,111 @@ def measure_load_paths(
 def _append(values: list[float], x: float | None) -> None:
     if x is not None:
         values.append(x)
+
+
+def tensor_count(model_dir: str | os.PathLike[str]) -> int:
+    """The tensors in a converted checkpoint's tensor index.
+
+    Raises: CheckpointError: not a checkpoint."""
+    from sllm.core.format import open_checkpoint
+
+    return len(open_checkpoint(model_dir).tensors)
+
+
+def measure_tensor_cost(
+    model_dir: str | os.PathLike[str],
+    *,
+    device: str = "cpu",
+    work_dir: str | os.PathLike[str] | None = None,
+    runs: int = 3,
+    dram_gbps: float | None = None,
+    dram_repeats: int = DRAM_REPEATS,
+) -> tuple[float, int] | None:
+    """The load paths' fixed cost per tensor, on ``model_dir``'s own architecture and width:
+    two random-weight copies of it with 1 and with up to :data:`TENSOR_COST_LAYERS` layers
+    (its config with ``num_hidden_layers`` changed, built with transformers and converted
+    under ``work_dir``, then removed) are loaded from DRAM as :func:`measure_load_paths`
+    times a DRAM hit, in turns (so a drift of the machine's speed shows in both), less their
+    bytes' host-to-device copy on a GPU (``dram_gbps``). The difference of the medians over
+    the difference of the tensor counts is the cost of a tensor (and of its share of the
+    modules and buffers of a layer): what a model with more or fewer layers pays more or less.
+
+    Returns: (seconds per tensor, at least 0; ``model_dir``'s tensor count), or None when the
+    model has a single layer, or no layer count in its config.
+
+    Raises:
+        CheckpointError: ``model_dir`` is not a checkpoint, or its config builds no model.
+    """
+    from sllm.core.cache import CacheConfig, TierCache
+    from sllm.core.format import open_checkpoint
+    from sllm.core.loader import load_model, release
+    from sllm.core.pool import HostMemoryPool
+    from sllm.core.skeleton import model_config
+
+    model_dir = Path(model_dir)
+    probe = open_checkpoint(model_dir)
+    config = model_config(model_dir, None)
+    layers = getattr(config, "num_hidden_layers", None)
+    if not isinstance(layers, int) or layers < 2:
+        return None
+    work = Path(work_dir or model_dir.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=".sllm-tmp-tensor-cost-", dir=work))
+    try:
+        remote = tmp / "remote"
+        copies = {f"layers-{n}": n for n in (1, min(layers, TENSOR_COST_LAYERS))}
+        for name, n in copies.items():
+            _layer_copy(config, n, probe.manifest.dtype, tmp / "hf" / name, remote / name)
+        counts = {m: tensor_count(remote / m) for m in copies}
+        sizes = {m: open_checkpoint(remote / m).manifest.total_bytes for m in copies}
+        for m in copies:
+            release(load_model(remote / m, device))  # transformers' lazy imports, untimed
+        cache = TierCache(CacheConfig(tmp / "cache", dram_capacity_bytes=2 * sum(sizes.values()) + (64 << 20),
+                                      remote_url=str(remote)), pool=HostMemoryPool())
+        times: dict[str, list[float]] = {m: [] for m in copies}
+        try:
+            for m in copies:
+                cache.pull(m)
+                _timed(cache, m, device)  # into DRAM, untimed
+            for _ in range(runs * dram_repeats):
+                for m in copies:
+                    times[m].append(_timed(cache, m, device)[0])
+        finally:
+            cache.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    copy = {m: n / (dram_gbps * 1e9) if dram_gbps and device.startswith("cuda") else 0.0 for m, n in sizes.items()}
+    small, big = copies
+    extra = (statistics.median(times[big]) - copy[big]) - (statistics.median(times[small]) - copy[small])
+    return max(0.0, extra / (counts[big] - counts[small])), len(probe.tensors)
+
+
+#: The deeper of the two copies :func:`measure_tensor_cost` builds has at most this many layers
+#: (enough tensors to time a difference; few bytes to build).
+TENSOR_COST_LAYERS = 4
+
+
+def _layer_copy(config, layers: int, dtype: str, hf_dir: Path, dst: Path) -> None:
+    """``config``'s model with ``layers`` layers and random weights of ``dtype``, saved
+    with transformers to ``hf_dir`` and converted to ``dst``."""
+    import copy
+
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from sllm.core.convert import convert
+    from sllm.core.skeleton import model_class
+
+    config = copy.deepcopy(config)
+    config.num_hidden_layers = layers
+    torch_dtype = getattr(torch, dtype, None) if dtype != "mixed" else None
+    model = model_class(config)._from_config(config, dtype=torch_dtype if isinstance(torch_dtype, torch.dtype) else None)
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # the copies' saves are not the user's work to watch
+    try:
+        model.save_pretrained(hf_dir)
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+    del model
+    convert(hf_dir, dst)
+    shutil.rmtree(hf_dir, ignore_errors=True)

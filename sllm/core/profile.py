@@ -74,6 +74,9 @@ class NodeProfile:
         tiers: tier name -> TierBandwidth.
         loader_fixed_seconds: model skeleton build + weight assignment per load, seconds.
         capacities: tier name -> capacity in bytes, where configured.
+        seconds_per_tensor: the load paths' fixed parts' cost per tensor, seconds, measured on
+            a model of ``probe_tensors`` tensors (:func:`sllm.core.loadpath.measure_tensor_cost`);
+            None: not measured.
     """
 
     name: str
@@ -84,6 +87,8 @@ class NodeProfile:
     tiers: dict[str, TierBandwidth]
     loader_fixed_seconds: float
     capacities: dict[str, int] = field(default_factory=dict)
+    seconds_per_tensor: float | None = None
+    probe_tensors: int | None = None
 
     def to_toml_dict(self) -> dict[str, Any]:
         """The TOML document: ``[node]``, ``[node.host]``, ``[node.tiers.<tier>]``, ``[node.loader]``."""
@@ -96,6 +101,8 @@ class NodeProfile:
             "tiers": {},
             "loader": {"fixed_seconds": round(self.loader_fixed_seconds, 6)},
         }
+        if self.seconds_per_tensor is not None:
+            node["loader"].update(seconds_per_tensor=round(self.seconds_per_tensor, 9), probe_tensors=self.probe_tensors)
         for tier, bw in self.tiers.items():
             entry = {k: v for k, v in asdict(bw).items() if k != "tier" and v is not None}  # TOML has no null
             for k, digits in (("gbps", 4), ("seconds", 6), ("load_fixed_seconds", 6), ("load_gbps", 4)):
@@ -244,8 +251,10 @@ def build_profile(
     address: str = "http://127.0.0.1:8343",
     name: str | None = None,
     capacities: dict[str, int] | None = None,
+    tensor_cost: tuple[float, int] | None = None,
 ) -> NodeProfile:
-    """Assemble a :class:`NodeProfile` from measurements and this host's facts."""
+    """Assemble a :class:`NodeProfile` from measurements and this host's facts
+    (``tensor_cost``: seconds per tensor and the probe's tensor count, or None)."""
     return NodeProfile(
         name=name or socket.gethostname(),
         address=address,
@@ -255,6 +264,8 @@ def build_profile(
         tiers=tiers,
         loader_fixed_seconds=loader_fixed_seconds,
         capacities=capacities or {},
+        seconds_per_tensor=tensor_cost[0] if tensor_cost else None,
+        probe_tensors=tensor_cost[1] if tensor_cost else None,
     )
 
 
@@ -312,7 +323,8 @@ def profile_node(
 ) -> tuple[NodeProfile, list[TierLoad]]:
     """Measure this node's tiers, and load ``model_dir`` from each the way ``sllm serve``
     does (:func:`sllm.core.loadpath.measure_load_paths`), recording each tier's load-path
-    fixed cost and bandwidth in the profile.
+    fixed cost and bandwidth in the profile, and their cost per tensor
+    (:func:`sllm.core.loadpath.measure_tensor_cost`).
 
     Args:
         model_dir: a converted checkpoint on the SSD tier's filesystem.
@@ -332,7 +344,7 @@ def profile_node(
     from dataclasses import replace
 
     from sllm.core.format import open_checkpoint
-    from sllm.core.loadpath import cache_read_threads, measure_load_paths
+    from sllm.core.loadpath import cache_read_threads, measure_load_paths, measure_tensor_cost
 
     model_dir = Path(model_dir)
     ckpt = open_checkpoint(model_dir)
@@ -360,4 +372,5 @@ def profile_node(
            "dram": "a DRAM hit, built on the lease"}
     loads = [TierLoad(t, p.seconds, nbytes, nbytes / p.seconds / 1e9, how[t], p.fixed_seconds, p.gbps)
              for t in ("remote", "ssd", "dram") if (p := paths.get(t)) is not None]
-    return build_profile(tiers, loader_fixed_seconds=fixed, address=address), loads
+    cost = measure_tensor_cost(model_dir, device=device, runs=runs, dram_gbps=tiers["dram"].gbps)
+    return build_profile(tiers, loader_fixed_seconds=fixed, address=address, tensor_cost=cost), loads
