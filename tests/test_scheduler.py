@@ -158,6 +158,56 @@ def test_busy_node_waits_for_room_when_it_reports_decode_rate_and_completion_len
     assert {o.node: o.action for o in plan("m", inv, full_b).options} == {"a": "wait", "b": "unavailable"}
 
 
+def test_a_node_full_of_loads_in_progress_waits_for_them_to_serve_and_go_idle():
+    # a's 2 GB budget is held by two SSD loads: x runs (0.625 s, 0.5 s done: 0.125 s left), y waits for the disk
+    # (0.125 + 0.625 = 0.75 s). Each then serves its requests: the fit's b (0.05 s) + 100 tokens * 0.01 s, 1.05 s
+    inv = cluster("a")
+    fit = PrefillFit(0.001, 0.05, 4)
+    loads = [LoaderJob("x", GB, "ssd", elapsed_seconds=0.5, running=True, resource="disk"),
+             LoaderJob("y", GB, "ssd", resource="disk")]
+    states = {"a": state("a", tiers={"m": ("dram",)}, loader=loads, budget=2 * GB, prefill={"x": fit, "y": fit},
+                         decode_seconds_per_token=0.01, mean_generated_tokens=100)}
+    [a] = plan("m", inv, states).options
+    # x frees its 1 GB at 0.125 + 1.05 = 1.175 s; then m loads from DRAM (0.2 s)
+    assert a.action == "wait" and a.freeing_seconds == pytest.approx(1.175) and a.seconds == pytest.approx(1.375)
+    # a 2 GB model needs y's room too: y frees at 0.75 + 1.05 = 1.8 s
+    assert plan("m", inv, states, nbytes=2 * GB).options[0].freeing_seconds == pytest.approx(1.8)
+    # without the decode rate the node cannot say when the loads will be done with their room
+    blind = {"a": state("a", tiers={"m": ("dram",)}, loader=loads, budget=2 * GB)}
+    assert plan("m", inv, blind).options[0].action == "unavailable"
+
+
+def test_a_nodes_status_with_loads_in_progress_gives_a_wait_option():
+    # the same node as above, as sllm serve's /status reports it (the live scheduler's input)
+    from sllm.core.node_state import parse_status
+
+    doc = {"max_memory_bytes": 2 * GB, "models": [{"model": "m", "tiers": ["dram"], "nbytes": GB}],
+           "loader_queue": [{"model": "x", "nbytes": GB, "tier": "ssd", "resource": "disk", "running": True,
+                             "elapsed_seconds": 0.5, "waiting_requests": 3},
+                            {"model": "y", "nbytes": GB, "tier": "ssd", "resource": "disk", "running": False,
+                             "elapsed_seconds": 0.0, "waiting_requests": 1}],
+           "prefill_fit": {"x": {"a_seconds_per_token": 0.001, "b_seconds": 0.05, "samples": 4}},
+           "engine": {"decode_seconds_per_token": 0.01, "mean_generated_tokens": 100}}
+    [a] = plan("m", cluster("a"), {"a": parse_status("a", doc)}).options
+    assert a.action == "wait" and a.freeing_seconds == pytest.approx(1.175) and a.seconds == pytest.approx(1.375)
+
+
+def test_a_load_in_progress_the_budget_cannot_hold_yet_takes_room_when_a_busy_model_frees_it():
+    # z (1 GB) serves a request with 100 tokens to go (1.0 s); x (0.125 s left) and y (0.75 s left) are loading:
+    # 3 GB promised on a 2 GB budget. x takes the free GB at 0.125 s, y must wait for z (1.0 s); x frees at
+    # 0.125 + 1.05 = 1.175 s, y at 1.0 + 1.05 = 2.05 s. A 3 GB load of q (it would fail) holds nothing
+    inv = cluster("a")
+    fit = PrefillFit(0.001, 0.05, 4)
+    z = ResidentModel("z", GB, requests=(RunningRequest("r", 10, 0),))
+    loads = [LoaderJob("x", GB, "ssd", elapsed_seconds=0.5, running=True, resource="disk"),
+             LoaderJob("y", GB, "ssd", resource="disk"), LoaderJob("q", 3 * GB, "dram", resource=None)]
+    st = {"a": state("a", tiers={"m": ("dram",)}, resident=[z], loader=loads, budget=2 * GB,
+                     prefill={"x": fit, "y": fit, "q": fit}, decode_seconds_per_token=0.01, mean_generated_tokens=100)}
+    # 1 GB: x's, at 1.175 s (z's, at 1.0 s, went to y); 2 GB: x's and y's, at 2.05 s
+    assert plan("m", inv, st).options[0].freeing_seconds == pytest.approx(1.175)
+    assert plan("m", inv, st, nbytes=2 * GB).options[0].freeing_seconds == pytest.approx(2.05)
+
+
 def test_unknown_size_and_oversized_models():
     inv = cluster("a")
     with pytest.raises(SchedulingError, match="size of 'q' is unknown"):

@@ -140,6 +140,39 @@ def test_migration_frees_the_node_holding_the_model_in_dram():
     assert nomig.run().records[1].ttft_seconds > r1.ttft_seconds
 
 
+def test_a_request_while_every_node_is_full_of_loads_in_progress_waits_where_its_model_is():
+    # 1 GB budgets: x loads on a (its SSD), y on b (its SSD, two requests). m, on b's SSD only, arrives at 0.1 s
+    # while both nodes' budgets are held by those loads: b frees y's room once y has served (0.625 s left of
+    # the load, then 0.11 s prefill + 10 tokens * 0.01 s), a frees x's at the same time but pulls m from the remote
+    inv = Inventory({n: gpu_node(n, max_memory_bytes=GB) for n in ("a", "b")})
+    reqs = [req(0, 0.0, "x"), req(1, 0.0, "y"), req(2, 0.0, "y"), req(3, 0.1, "m")]
+    sim = Simulation(inv, {"m": GB, "x": GB, "y": GB}, reqs, "sllm", replace_replicas(CFG, 0))
+    sim.nodes["a"].ssd.put("x", GB)
+    sim.nodes["b"].ssd.put("y", GB)
+    sim.nodes["b"].ssd.put("m", GB)
+    chosen = []
+    choose = sim.choose
+
+    def recording(r):
+        chosen.append(choose(r))
+        return chosen[-1]
+
+    sim.choose = recording
+    res = sim.run()
+    r3 = res.records[3]
+    # (no node had a feasible option for m before loads in progress counted as freeing room: m went to the
+    # least busy node, a, and pulled m from the remote there: 2.235 s)
+    assert [r.node for r in res.records] == ["a", "b", "b", "b"] and r3.tier == "ssd"
+    # the scheduler's option for m on b: y's load has 0.525 s left, then it serves (b 0.01 s + the mean 10
+    # tokens * 0.01 s): room at 0.635 s; then m's load (0.525 s behind y on the disk + 0.625 s), prefill 0.11 s
+    option = chosen[3][1]
+    assert option.action == "wait" and option.freeing_seconds == pytest.approx(0.635)
+    assert option.seconds == pytest.approx(0.635 + 1.15 + 0.11)
+    # simulated: m's SSD read waits for y's (until 0.525 s), ends at 1.05 s; y is idle by then (0.625 + 0.11 +
+    # 0.1): m takes its room, pays the fixed cost (0.1 s) and prefills (0.11 s); it arrived at 0.1 s
+    assert r3.ttft_seconds == pytest.approx(1.05 + 0.1 + 0.11 - 0.1)
+
+
 def test_policies_are_deterministic_and_sllm_beats_random():
     inv = Inventory({n: gpu_node(n, max_memory_bytes=3 * GB) for n in ("a", "b", "c")})
     models = {f"m{i}": GB for i in range(12)}

@@ -16,8 +16,11 @@ token, from plain data (the :class:`~sllm.core.inventory.Inventory` and each nod
 - otherwise, when the node reports its decode time per token and its mean completion
   length, wait for busy models to finish: each request's expected remaining decode is
   ``max(0, mean_generated - generated so far) * decode_seconds_per_token``, a model frees
-  its memory when its last request ends, and the wait is until enough bytes are free
-  ("wait"; the node itself queues the load until then);
+  its memory when its last request ends; a load in progress frees its bytes once it has
+  finished (its queue estimate), taken room and served the requests waiting for it
+  (prefill and ``mean_generated`` tokens of decode); the wait is until enough bytes are
+  free after the loads in progress have taken theirs ("wait"; the node itself queues the
+  load until then);
 - otherwise the node cannot start it now ("unavailable", ranked last, with the reason).
 
 With ``prompt_tokens`` the estimated prefill ``a * tokens + b`` (the node's fit) is added.
@@ -301,13 +304,13 @@ def node_option(
     if migration:
         moves, taken = _plan_moves(model, spec, state, nbytes - free, inventory, states, dict(reserved), unload_seconds)
     if taken < nbytes - free:
-        wait = _wait_for_room(state, nbytes - free, model)
+        wait = _wait_for_room(spec, state, nbytes, free, model, inventory=inventory)
         if wait is None:
             why = "no room, and the models in use cannot all migrate elsewhere" if migration else \
                 f"no room: models in use hold {state.resident_bytes} bytes of {budget}"
             return Option(spec.name, "unavailable", tier, math.inf, load, tuple(unloads), reasons=(*reasons, why))
         freeing += wait
-        reasons.append(f"no room: busy models should free it in {wait:.3f} s")
+        reasons.append(f"no room: models in use or loading should free it in {wait:.3f} s")
         return Option(spec.name, "wait", tier, freeing + load.total_seconds + prefill, load, tuple(unloads),
                       freeing_seconds=freeing, prefill_seconds=prefill, reasons=tuple(reasons))
     freeing += sum(m.seconds for m in moves)
@@ -316,20 +319,70 @@ def node_option(
                   tuple(moves), freeing, prefill, tuple(reasons))
 
 
-def _wait_for_room(state: NodeState, needed: int, model: str) -> float | None:
-    """Seconds until busy models of ``state`` free ``needed`` bytes (module docstring), or
-    None when the node does not report its decode rate and mean completion length."""
+def _loading_seconds(spec: NodeSpec, state: NodeState, index: int, inventory: Inventory) -> float:
+    """What is left of loader job ``state.loader[index]``: the jobs ahead of it in its queue and itself."""
+    job = state.loader[index]
+    ahead = [j for j in state.loader[:index] if j.resource in ("", job.resource)] + [job]
+    return queue_seconds(spec, ahead, remote_gbps=inventory.remote_gbps)
+
+
+def _wait_for_room(spec: NodeSpec, state: NodeState, nbytes: int, free: float, model: str, *,
+                   inventory: Inventory) -> float | None:
+    """Seconds until ``nbytes`` more fit on ``state``'s node, ``free`` bytes being free now
+    once the idle models are unloaded (the loads in progress counted as held), or None when
+    the node does not report its decode rate and mean completion length, or when what is in
+    use never frees enough.
+
+    Memory frees on two counts (module docstring):
+
+    - a busy resident model, when its last request ends: ``max(0, mean_generated - generated
+      so far) * decode_seconds_per_token`` for each;
+    - a load in progress: it finishes (what is left of its queue, as a "loading" option
+      estimates it), takes room, serves the requests waiting for it (the prefill fit's
+      intercept ``b``, since their prompts are not reported, plus ``mean_generated *
+      decode_seconds_per_token``: they decode together, batched), and is then idle, so
+      unloadable.
+
+    The loads in progress take room in the order they finish (each as soon as enough is
+    free: a load the budget cannot hold yet waits for a busy model, as the node's own loader
+    does; one that can never fit holds nothing, the node fails it); the new load comes
+    after them. Requests that arrive later for these models, which
+    keep them resident longer, are not foreseen. Pure and deterministic.
+    """
     d, mean_gen = state.decode_seconds_per_token, state.mean_generated_tokens
     if d is None or mean_gen is None:
         return None
-    ends = sorted((max((max(0.0, mean_gen - q.completion_tokens) * d for q in r.requests), default=0.0), r.model, r.nbytes)
-                  for r in state.resident if (r.requests or r.pinned) and r.model != model)
-    freed = 0
-    for seconds, _, nbytes in ends:
-        freed += nbytes
-        if freed >= needed:
-            return seconds
-    return None
+    releases = sorted((max((max(0.0, mean_gen - q.completion_tokens) * d for q in r.requests), default=0.0), r.model,
+                       r.nbytes) for r in state.resident if (r.requests or r.pinned) and r.model != model)
+    loads = sorted((_loading_seconds(spec, state, i, inventory), i, j.model, j.nbytes)
+                   for i, j in enumerate(state.loader)
+                   if j.nbytes and j.model != model and state.resident_model(j.model) is None)
+    room = free + sum(nb for *_, nb in loads)  # what the loads in progress will take, given back to place them
+    pending = list(releases)  # (seconds, model, bytes), soonest first
+    clock = 0.0  # the latest release counted in ``room``: ``room`` is free from then on
+
+    def fits(needed: float) -> bool:
+        """Whether ``needed`` bytes are ever free, once everything in use has freed its bytes."""
+        return room + sum(nb for *_, nb in pending) >= needed
+
+    def until(needed: float, since: float) -> float:
+        """The first moment at or after ``since`` (and ``clock``) with ``needed`` bytes free (they fit)."""
+        nonlocal room, clock
+        while pending and (pending[0][0] <= max(since, clock) or room < needed):
+            seconds, _, nb = pending.pop(0)
+            room += nb
+            clock = max(clock, seconds)
+        return max(since, clock)
+
+    for ready, _, job_model, nb in loads:
+        if not fits(nb):
+            continue  # it can never get room (the node's loader fails it): it holds none
+        start = until(nb, ready)
+        room -= nb
+        serve = prefill_seconds(0, state.prefill.get(job_model)) + mean_gen * d
+        pending.append((start + serve, job_model, nb))
+        pending.sort()
+    return until(nbytes, 0.0) if fits(nbytes) else None
 
 
 def _plan_moves(
