@@ -456,6 +456,8 @@ class Simulation:
         if self.policy in ("sllm", "sllm-no-migration"):
             p = plan(r.model, self.inventory, self.states(), nbytes=nbytes, prompt_tokens=r.prompt_tokens,
                      migration=self.policy == "sllm")
+            # no feasible option: only a model larger than every budget now (loads in progress count as freeing
+            # room: none of the 3110 requests at 3 req/s on gpu_cluster_contended.toml, seeds 0-5, comes here)
             return (p.best.node, p.best) if p.best else (self._least_busy(r.model), None)
         if self.policy == "serverlessllm":
             p = plan(r.model, self.anchor, self.states(ANCHOR_FIT, has_remote=False), nbytes=nbytes,
