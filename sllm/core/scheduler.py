@@ -265,9 +265,7 @@ def node_option(
                       reasons=(f"resident, serving {busy} request(s)",))
     queued = [j.model for j in state.loader]
     if model in queued:
-        job = state.loader[queued.index(model)]
-        ahead = [j for j in state.loader[: queued.index(model)] if j.resource in ("", job.resource)] + [job]
-        q = queue_seconds(spec, ahead, remote_gbps=inventory.remote_gbps)
+        q = _loading_seconds(spec, state, queued.index(model), inventory)
         return Option(spec.name, "loading", state.loader[queued.index(model)].tier or None, q + prefill,
                       prefill_seconds=prefill, reasons=(f"already in the loader queue: {q:.3f} s left",))
     if tier is None:
@@ -346,8 +344,8 @@ def _wait_for_room(spec: NodeSpec, state: NodeState, nbytes: int, free: float, m
     The loads in progress take room in the order they finish (each as soon as enough is
     free: a load the budget cannot hold yet waits for a busy model, as the node's own loader
     does; one that can never fit holds nothing, the node fails it); the new load comes
-    after them. Requests that arrive later for these models, which
-    keep them resident longer, are not foreseen. Pure and deterministic.
+    after them. Requests that arrive later for these models, which keep them resident
+    longer, are not foreseen. Pure and deterministic.
     """
     d, mean_gen = state.decode_seconds_per_token, state.mean_generated_tokens
     if d is None or mean_gen is None:
