@@ -158,6 +158,27 @@ def test_busy_node_waits_for_room_when_it_reports_decode_rate_and_completion_len
     assert {o.node: o.action for o in plan("m", inv, full_b).options} == {"a": "wait", "b": "unavailable"}
 
 
+def test_a_pinned_model_never_frees_room_but_a_held_one_does_when_its_requests_end():
+    # a's 2 GB budget: x (1 GB, busy: 0.8 s to go) and p (1 GB). m needs 2 GB from DRAM (0.2 s)
+    inv = cluster("a")
+    x = ResidentModel("x", GB, requests=(RunningRequest("r1", 100, 20),))
+
+    def option(p: ResidentModel):
+        states = {"a": state("a", tiers={"m": ("dram",)}, resident=[x, p], budget=2 * GB,
+                             decode_seconds_per_token=0.01, mean_generated_tokens=100)}
+        return plan("m", inv, states, nbytes=2 * GB).options[0]
+
+    # pinned (sllm serve --pin): never unloaded, busy or not, so 2 GB never come free
+    assert option(ResidentModel("p", GB, pinned=True, idle_seconds=99)).action == "unavailable"
+    assert option(ResidentModel("p", GB, pinned=True, requests=(RunningRequest("r2", 5, 99),))).action == "unavailable"
+    # held (the simulator's: migrating, or about to admit queued requests): freed like a busy model, not unloaded now
+    held = option(ResidentModel("p", GB, held=True))
+    assert held.action == "wait" and held.freeing_seconds == pytest.approx(0.8) and held.unload == ()
+    # plain idle: unloaded (its unload's seconds), then x's 0.8 s
+    idle = option(ResidentModel("p", GB, idle_seconds=5))
+    assert [u.model for u in idle.unload] == ["p"] and idle.freeing_seconds > 0.8
+
+
 def test_a_node_full_of_loads_in_progress_waits_for_them_to_serve_and_go_idle():
     # a's 2 GB budget is held by two SSD loads: x runs (0.625 s, 0.5 s done: 0.125 s left), y waits for the disk
     # (0.125 + 0.625 = 0.75 s). Each then serves its requests: the fit's b (0.05 s) + 100 tokens * 0.01 s, 1.05 s

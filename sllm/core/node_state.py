@@ -43,6 +43,9 @@ class ResidentModel:
         model: its name. nbytes: the memory it holds: weights and KV cache, bytes. pinned: never unloaded by the budget.
         idle_seconds: seconds since its last request ended (0 while serving).
         requests: what it is generating now.
+        held: not to be unloaded or migrated now, but freed later like a busy model (the
+            simulator's models that are migrating or about to admit queued requests); a live
+            node reports none.
     """
 
     model: str
@@ -50,6 +53,7 @@ class ResidentModel:
     pinned: bool = False
     idle_seconds: float = 0.0
     requests: tuple[RunningRequest, ...] = ()
+    held: bool = False
 
 
 #: The queue a load from each tier waits in on a node (``sllm serve`` queues loads per

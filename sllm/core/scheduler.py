@@ -285,7 +285,7 @@ def node_option(
         return Option(spec.name, "load", tier, load.total_seconds + prefill, load, prefill_seconds=prefill,
                       reasons=tuple(reasons))
     unloads: list[Unload] = []
-    idle = sorted((r for r in state.resident if not r.requests and not r.pinned),
+    idle = sorted((r for r in state.resident if not r.requests and not r.pinned and not r.held),
                   key=lambda r: (-r.idle_seconds, r.model))
     for r in idle:
         if free >= nbytes:
@@ -333,8 +333,8 @@ def _wait_for_room(spec: NodeSpec, state: NodeState, nbytes: int, free: float, m
 
     Memory frees on two counts (module docstring):
 
-    - a busy resident model, when its last request ends: ``max(0, mean_generated - generated
-      so far) * decode_seconds_per_token`` for each;
+    - a busy (or held) resident model, when its last request ends: ``max(0, mean_generated -
+      generated so far) * decode_seconds_per_token`` for each; a pinned model never frees;
     - a load in progress: it finishes (what is left of its queue, as a "loading" option
       estimates it), takes room, serves the requests waiting for it (the prefill fit's
       intercept ``b``, since their prompts are not reported, plus ``mean_generated *
@@ -351,7 +351,8 @@ def _wait_for_room(spec: NodeSpec, state: NodeState, nbytes: int, free: float, m
     if d is None or mean_gen is None:
         return None
     releases = sorted((max((max(0.0, mean_gen - q.completion_tokens) * d for q in r.requests), default=0.0), r.model,
-                       r.nbytes) for r in state.resident if (r.requests or r.pinned) and r.model != model)
+                       r.nbytes) for r in state.resident
+                      if (r.requests or r.held) and not r.pinned and r.model != model)  # pinned: never unloaded
     loads = sorted((_loading_seconds(spec, state, i, inventory), i, j.model, j.nbytes)
                    for i, j in enumerate(state.loader)
                    if j.nbytes and j.model != model and state.resident_model(j.model) is None)
@@ -389,7 +390,7 @@ def _plan_moves(
 ) -> tuple[list[Move], int]:
     """Busy models of ``state`` to migrate, cheapest first, until ``needed`` bytes are freed;
     their destinations must take them without migrating in turn. Returns (moves, bytes freed)."""
-    busy = sorted((r for r in state.resident if r.requests and not r.pinned and r.model != model),
+    busy = sorted((r for r in state.resident if r.requests and not r.pinned and not r.held and r.model != model),
                   key=lambda r: (sum(q.tokens for q in r.requests), r.model))
     moves: list[Move] = []
     freed = 0

@@ -261,7 +261,7 @@ class _Node:
                                         min(a.request.generated_tokens, int((now - a.decode_start) / self.decode)))
                          for a in inst.active.values())
             busy = bool(reqs) or self.pending[m] > 0
-            resident.append(ResidentModel(m, inst.nbytes, pinned=inst.migrating or (self.pending[m] > 0 and not reqs),
+            resident.append(ResidentModel(m, inst.nbytes, held=inst.migrating or (self.pending[m] > 0 and not reqs),
                                           idle_seconds=0.0 if busy else now - inst.last_used, requests=reqs))
         models = set(self.dram.items) | set(self.ssd.items)
         tiers = {m: tuple(t for t, lru in (("dram", self.dram), ("ssd", self.ssd)) if m in lru) for m in sorted(models)}
