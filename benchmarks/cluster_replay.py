@@ -52,6 +52,9 @@ TRACES = os.environ.get("SLLM_TRACES") or next(
     (p / "shared" / "traces" for p in ROOT.parents if (p / "shared" / "traces").is_dir()), ROOT.parent / "shared" / "traces")
 TRACE = Path(TRACES) / "AzureLLMInferenceTrace_conv.csv"
 CONFIG = dict(n_layer=2, n_embd=256, n_head=4)  # about 59 MB in float32
+#: Each node's --kv-cache-memory: 2,048 tokens of these models (4 KiB a token), room for the replay's few concurrent
+#: requests, so that two models (weights + KV) fit a node's --max-memory of 2.5 models' weights, as in the simulation.
+KV_CACHE_BYTES = 8 << 20
 FORWARDED = "x-sllm-forwarded-by"
 NODES = ("a", "b", "c")
 
@@ -118,7 +121,8 @@ class Nodes:
             shutil.rmtree(cache, ignore_errors=True)
             cmd = [sys.executable, "-m", "sllm", "serve", "--port", str(self.ports[n]), "--cache-dir", str(cache),
                    "--remote", self.remote_url, "--dram-capacity", str(int(3.5 * self.nbytes)),
-                   "--max-memory", str(int(2.5 * self.nbytes)), "--keep-alive", str(self.keep_alive),
+                   "--max-memory", str(int(2.5 * self.nbytes)), "--kv-cache-memory", str(KV_CACHE_BYTES),
+                   "--keep-alive", str(self.keep_alive),
                    "--inventory", str(self.inventory), "--node-name", n]
             self.procs[n] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(self.work / f"{n}.log", "w"),
                                              env=env)
@@ -146,22 +150,40 @@ class Nodes:
                 p.kill()
 
 
-def complete(url: str, model: str, prompt: list[int], max_tokens: int, headers: dict | None = None) -> float:
-    """Stream one completion; seconds to its first event."""
+def complete(url: str, model: str, prompt: list[int], max_tokens: int, headers: dict | None = None,
+             info: dict | None = None) -> float:
+    """Stream one completion; seconds to its first event. ``info`` gets the node that served it
+    and the seconds it spent loading the model (its response headers)."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     started = time.perf_counter()
     first = None
     with httpx.stream("POST", url + "/v1/completions", json=body, headers=headers or {}, timeout=300) as r:
         if r.status_code != 200:
             raise RuntimeError(f"{url}: HTTP {r.status_code}: {r.read()[:300]!r}")
+        if info is not None:
+            info.update(served_by=r.headers.get("x-sllm-served-by"),
+                        load_seconds=float(r.headers.get("x-sllm-load-seconds") or 0.0))
         for line in r.iter_lines():
             if line.startswith("data: ") and first is None:
                 first = time.perf_counter() - started
     return first if first is not None else time.perf_counter() - started
 
 
+def warm(nodes: Nodes) -> None:
+    """One untimed cold start of ``calib`` on every node, then ``calib`` evicted from every tier: a
+    node's first load pays one-time costs (transformers' import of the architecture, the first
+    forward pass) that a node serving for a while has paid long before; its caches stay empty."""
+    for n in NODES:
+        complete(nodes.url(n), "calib", [1, 2, 3, 4], 2, {FORWARDED: "warm-up"})
+        httpx.post(nodes.url(n) + "/v1/cache/calib/evict", timeout=30)
+
+
 def calibrate(nodes: Nodes, nbytes: int) -> dict:
-    """The node profile from one node's own cold starts of ``calib`` and its /status fits."""
+    """The node profile from one node's own cold starts of ``calib`` and its /status fits (after one
+    untimed cold start on every node, which warms them as nodes that have been serving are)."""
+    from sllm.core.estimator import prefill_seconds
+    from sllm.core.inventory import PrefillFit
+
     url, pin = nodes.url("a"), {FORWARDED: "calibration"}
     loads = {}
 
@@ -171,6 +193,7 @@ def calibrate(nodes: Nodes, nbytes: int) -> dict:
         assert last["tier"] == tier, last
         loads[tier] = last["load_seconds"]
 
+    warm(nodes)
     cold("remote")
     httpx.post(url + "/v1/cache/calib/evict", params={"tier": "device"}, timeout=30)
     httpx.post(url + "/v1/cache/calib/evict", params={"tier": "dram"}, timeout=30)
@@ -193,7 +216,9 @@ def calibrate(nodes: Nodes, nbytes: int) -> dict:
     return {"fixed_seconds": fixed, "ssd_gbps": nbytes / max(1e-6, loads["ssd"] - fixed) / 1e9,
             "remote_gbps": nbytes / max(1e-6, loads["remote"] - fixed) / 1e9, "a": fit["a_seconds_per_token"],
             "b": fit["b_seconds"], "fit_samples": fit["samples"], "decode": engine["decode_seconds_per_token"],
-            "forward_seconds": max(0.0, via - direct), "cold_starts": loads}
+            "forward_seconds": max(0.0, via - direct), "cold_starts": loads,
+            "request_seconds": max(0.0, direct - prefill_seconds(len(prompt), PrefillFit(fit["a_seconds_per_token"],
+                                                                                         fit["b_seconds"], 0)))}
 
 
 def workload(rps: float, duration: float, models: list[str], seed: int, max_prompt: int, max_gen: int):
@@ -217,12 +242,14 @@ def replay(nodes: Nodes, reqs) -> list[dict]:
         time.sleep(max(0.0, t0 + r.arrival_seconds - time.perf_counter()))
         door = r.door
         prompt = [(r.id * 31 + k * 7) % 50000 for k in range(r.prompt_tokens)]
+        info: dict = {}
         try:
-            ttft, err = complete(nodes.url(door), r.model, prompt, r.generated_tokens), None
+            ttft, err = complete(nodes.url(door), r.model, prompt, r.generated_tokens, info=info), None
         except Exception as exc:  # noqa: BLE001 - recorded, reported
             ttft, err = None, str(exc)
         with lock:
-            out.append({"id": r.id, "model": r.model, "door": door, "ttft_seconds": ttft, "error": err})
+            out.append({"id": r.id, "model": r.model, "door": door, "arrival_seconds": r.arrival_seconds,
+                        "ttft_seconds": ttft, "error": err, **info})
 
     threads = [threading.Thread(target=one, args=(i, r), daemon=True) for i, r in enumerate(reqs)]
     for t in threads:
@@ -317,6 +344,7 @@ def main() -> int:
         nodes.write_inventory(prof)  # the front doors keep their inventory; only bandwidth figures differ
         nodes.close()
         nodes.start()  # restart with the calibrated inventory and empty caches
+        warm(nodes)
         models = [m for m in sizes if m != "calib"]
         reqs = workload(args.rps, args.duration, models, args.seed, args.max_prompt, args.max_gen)
         measured = replay(nodes, reqs)
@@ -326,14 +354,15 @@ def main() -> int:
     inv = TomlInventory(nodes.inventory).load()
     sim = Simulation(inv, {m: sizes[m] for m in models}, reqs, "sllm",
                      SimConfig(keep_alive_seconds=args.keep_alive, replicas=0, seed=args.seed,
-                               forward_seconds=prof["forward_seconds"])).run()
+                               forward_seconds=prof["forward_seconds"], request_seconds=prof["request_seconds"])).run()
     got = [m["ttft_seconds"] for m in measured if m["ttft_seconds"] is not None]
     simulated = [r.ttft_seconds for r in sim.records if r.ttft_seconds is not None]
     errors = [m for m in measured if m["error"]]
     print(f"calibrated on node a: fixed {prof['fixed_seconds']:.3f} s, ssd {prof['ssd_gbps']:.3f} GB/s, remote "
           f"{prof['remote_gbps']:.3f} GB/s (HTTP throttled to {args.throttle_mbps:g} MB/s), prefill "
           f"{prof['a'] * 1e6:.1f} us/token + {prof['b'] * 1e3:.1f} ms ({prof['fit_samples']} samples), decode "
-          f"{prof['decode'] * 1e3:.1f} ms/token, front-door hop {prof['forward_seconds'] * 1e3:.1f} ms")
+          f"{prof['decode'] * 1e3:.1f} ms/token, front-door hop {prof['forward_seconds'] * 1e3:.1f} ms, a request's "
+          f"own way beyond its prefill {prof['request_seconds'] * 1e3:.1f} ms")
     print(f"replayed {len(reqs)} requests ({len(errors)} failed) over {args.duration:g} s at {args.rps:g} req/s, "
           f"{len(models)} models of {nbytes / 1e6:.0f} MB, 3 nodes (2.5 models of memory, 3.5 of DRAM each)")
     print(f"{'':<10}{'mean s':>9}{'P50 s':>9}{'P90 s':>9}{'P99 s':>9}")
@@ -350,6 +379,7 @@ def main() -> int:
                       "p99": sim.ttft_p99_seconds, "loads": sim.loads, "warm_fraction": sim.warm_fraction},
         "p50_error": round(e50, 4), "p99_error": round(e99, 4),
         "errors": [e["error"] for e in errors][:5],
+        "slowest": sorted((m for m in measured if m["ttft_seconds"] is not None), key=lambda m: -m["ttft_seconds"])[:8],
     }))
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)

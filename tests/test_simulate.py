@@ -217,6 +217,9 @@ def test_a_request_entering_at_another_node_pays_the_front_door_hop():
     assert [r.node for r in res.records] == ["a", "a", "a"]
     # cold through b (hop + 0.625 s load + 0.11 s prefill), warm through b (hop + prefill), warm at a (prefill)
     assert [r.ttft_seconds for r in res.records] == pytest.approx([0.05 + 0.735, 0.05 + 0.11, 0.11])
+    # every request's own way to the engine (HTTP, tokenization) comes on top, hop or not
+    res = Simulation(inv, {"m": GB}, reqs, "sllm", replace(cfg, request_seconds=0.02)).run()
+    assert [r.ttft_seconds for r in res.records] == pytest.approx([0.07 + 0.735, 0.07 + 0.11, 0.13])
 
 
 def test_initial_copies_beyond_the_ssd_capacity_keep_the_models_listed_first():

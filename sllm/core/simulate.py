@@ -77,6 +77,9 @@ class SimConfig:
         forward_seconds: a front door's routing and forwarding hop, added before the first
             token of a request that enters at a node (``Request.door``) other than the one
             that serves it (0: not modelled).
+        request_seconds: what every request spends outside the engine before its first token
+            (the HTTP round trip, tokenization, the first SSE event), beyond the prefill fit,
+            which a node measures from submission to its engine (0: not modelled).
     """
 
     keep_alive_seconds: float = 60.0
@@ -85,6 +88,7 @@ class SimConfig:
     decode_seconds_per_token: float = 0.02
     seed: int = 0
     forward_seconds: float = 0.0
+    request_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -341,6 +345,8 @@ class Simulation:
         node = self.nodes[node_name]
         if r.door and r.door != node_name and self.config.forward_seconds:
             yield env.timeout(self.config.forward_seconds)  # the front door's hop
+        if self.config.request_seconds:
+            yield env.timeout(self.config.request_seconds)  # the request's own way to the engine and back
         for mv in (option.migrate if option is not None else ()):
             env.process(self._migrate(node, mv))
         node.pending[r.model] += 1
