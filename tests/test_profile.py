@@ -46,7 +46,28 @@ def test_load_bench_tiers_writes_profile(tiny_sllm_gpt2, tmp_path):
     assert spec.tiers["ssd"].load_fixed_seconds == node["tiers"]["ssd"]["load_fixed_seconds"]
     assert node["host"]["cpus"] == os.cpu_count()
     assert node["loader"]["fixed_seconds"] >= 0
+    # the fixed parts' cost per tensor, from 1- and 2-layer copies of this 2-layer model; in the inventory too
+    from sllm.core.loadpath import tensor_count
+
+    assert node["loader"]["seconds_per_tensor"] >= 0 and node["loader"]["probe_tensors"] == tensor_count(local)
+    assert (spec.load_seconds_per_tensor, spec.load_probe_tensors) == (
+        node["loader"]["seconds_per_tensor"], node["loader"]["probe_tensors"])
     assert not list(tmp_path.glob("ssd/.sllm-tmp-*"))  # the probe cache and probe file are gone
+
+
+def test_a_profile_whose_layer_copies_do_not_build_has_no_per_tensor_cost(tiny_sllm_gpt2, tmp_path, monkeypatch, caplog):
+    from sllm.core import loadpath, profile
+
+    def broken(*a, **kw):
+        raise ValueError("no such layer count")
+
+    monkeypatch.setattr(loadpath, "measure_tensor_cost", broken)
+    local = tmp_path / "ssd" / "tiny"
+    shutil.copytree(tiny_sllm_gpt2, local)
+    node, loads = profile.profile_node(local, runs=1)
+    assert node.seconds_per_tensor is None and [t.tier for t in loads] == ["ssd", "dram"]
+    assert "no per-tensor load cost" in caplog.text and "no such layer count" in caplog.text
+    assert "seconds_per_tensor" not in node.to_toml_dict()["node"]["loader"]
 
 
 def test_measure_ssd_picks_the_best_thread_count(tmp_path):

@@ -29,7 +29,8 @@ an SSD entry's lease and side files); one node-wide ``c(n)`` misestimates the sm
 loads where they dominate (``benchmarks/estimator_accuracy.py``). Those fixed parts were
 timed on one model; a model with another tensor count builds a bigger or smaller skeleton
 and more or fewer views, so when the profile has the per-tensor cost
-(``loader.seconds_per_tensor``, timed against a tiny model: :func:`sllm.core.loadpath.measure_tensor_cost`)
+(``loader.seconds_per_tensor``, timed on shallow copies of the probe's architecture:
+:func:`sllm.core.loadpath.measure_tensor_cost`)
 and the caller knows the model's tensor count, the fixed part is
 ``load_fixed_seconds + seconds_per_tensor * (tensors - probe_tensors)``, at least 0.
 

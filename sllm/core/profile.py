@@ -14,6 +14,7 @@ It does not decide anything: estimators and the scheduler consume the profile.
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import socket
@@ -372,5 +373,10 @@ def profile_node(
            "dram": "a DRAM hit, built on the lease"}
     loads = [TierLoad(t, p.seconds, nbytes, nbytes / p.seconds / 1e9, how[t], p.fixed_seconds, p.gbps)
              for t in ("remote", "ssd", "dram") if (p := paths.get(t)) is not None]
-    cost = measure_tensor_cost(model_dir, device=device, runs=runs, dram_gbps=tiers["dram"].gbps)
+    try:
+        cost = measure_tensor_cost(model_dir, device=device, runs=runs, dram_gbps=tiers["dram"].gbps)
+    except Exception as exc:  # noqa: BLE001 - a refinement: without it the profile is still whole
+        logging.getLogger("sllm").warning("%s: no per-tensor load cost (its 1- and 4-layer copies did not build: "
+                                          "%s: %s)", model_dir, type(exc).__name__, exc)
+        cost = None
     return build_profile(tiers, loader_fixed_seconds=fixed, address=address, tensor_cost=cost), loads
