@@ -7,7 +7,8 @@ A program, not a test: it prints tables and one JSON line, and asserts nothing o
    (a child process, ``benchmarks/tier_pipeline.py``'s server), and profiles the node as
    ``sllm load-bench --tiers`` does (SSD cold read, DRAM, one remote pull of a probe model,
    the loader's fixed cost, each tier's load path on the probe: fixed cost and
-   bandwidth, and the fixed costs' part per tensor, against the built-in tiny GPT-2).
+   bandwidth, and the fixed costs' part per tensor, from DRAM hits of 1- and 4-layer copies
+   of the probe's architecture).
    Then, for each model and each tier, it measures the cold start
    the way ``sllm serve`` does it (``NodeTiers.fetch`` then the load from the DRAM lease):
    from the remote (an empty cache), from SSD (DRAM entry evicted, page cache evicted) and
@@ -230,12 +231,12 @@ def main() -> int:
     finally:
         server.close()
     node = parse_node("this-node", prof.to_toml_dict()["node"], where="profile")  # as load-bench --tiers writes it
-    older, single = stage_model(node), without_tensor_cost(node)
+    older, untensored = stage_model(node), without_tensor_cost(node)
     for r in rows:
         est = estimate_load(older, r["model"], r["tier"], r["nbytes"])
         cal = estimate_load(node, r["model"], r["tier"], r["nbytes"], tensors=r["tensors"])
-        one = estimate_load(single, r["model"], r["tier"], r["nbytes"]).total_seconds
-        r.update(untensored_seconds=one, untensored_error=err(one, r["measured_seconds"]))
+        flat = estimate_load(untensored, r["model"], r["tier"], r["nbytes"]).total_seconds
+        r.update(untensored_seconds=flat, untensored_error=err(flat, r["measured_seconds"]))
         r.update(predicted_seconds=est.total_seconds, transfer_seconds=est.transfer_seconds,
                  fixed_seconds=est.fixed_seconds, error=err(est.total_seconds, r["measured_seconds"]),
                  calibrated_seconds=cal.total_seconds, calibrated_error=err(cal.total_seconds, r["measured_seconds"]),
