@@ -36,6 +36,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from serve_cold_start import stop_server  # noqa: E402 - SIGTERM, then a kill after 120 s
+
 ENV = dict(
     VLLM_CPU_KVCACHE_SPACE="1", VLLM_HOST_IP="127.0.0.1", HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1",
     DO_NOT_TRACK="1", VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONPATH=str(ROOT),
@@ -93,15 +96,6 @@ def start(kind: str, src: Path, work: Path) -> tuple[subprocess.Popen, str]:
     raise SystemExit(f"{kind} server did not start in {START_TIMEOUT_S} s")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
 async def one_stream(client, url: str, model: str, prompt: str, max_tokens: int) -> tuple[float, int]:
     """One streamed completion: (seconds to its first text, output tokens from its usage chunk)."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
@@ -140,7 +134,7 @@ def measure(kind: str, src: Path, work: Path, streams: int, max_tokens: int, rou
         asyncio.run(round_(url, MODEL_NAME, 1, 8, -1))  # warm-up: sllm loads on first request
         results = [asyncio.run(round_(url, MODEL_NAME, streams, max_tokens, r)) for r in range(rounds)]
     finally:
-        stop(proc)
+        stop_server(proc)
     best = sorted(results, key=lambda r: r["tokens_per_second"])[len(results) // 2]  # the median round
     return {"server": kind, **best, "rounds": [round(r["tokens_per_second"], 2) for r in results]}
 
