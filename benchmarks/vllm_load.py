@@ -13,9 +13,12 @@ On one random-weight model (default the GPT-2-medium shape in float32, 24 layers
   Hugging Face directory), a fresh Python process builds one ``vllm.LLM`` in-process
   (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) and reports the engine start (the ``LLM(...)``
   call, seconds) and the weight loading inside it (the loader's ``load_weights``: reading
-  the checkpoint and copying every tensor into vLLM's parameters), **cold** (the model
-  files evicted from the page cache first, ``posix_fadvise(DONTNEED)``) and **warm** (the
-  same again, files cached), in the same run;
+  the checkpoint and filling vLLM's parameters), **cold** (the model files, and sllm's vLLM
+  layout, evicted from the page cache first, ``posix_fadvise(DONTNEED)``) and **warm** (the
+  same again, files cached), in the same run. sllm has three rows: ``sllm-first``, a load
+  with no vLLM layout yet (its tensors through vLLM's weight loaders by name, then the
+  layout written: the first start of a model on a node), ``sllm`` (default flags once the
+  layout exists: every later start) and ``sllm-by-name`` (``{"layout": false}``);
 - the **raw O_DIRECT read** of the same bytes (the sllm partition file into one fresh host
   buffer with sllm's reader: 4 threads, the manifest's chunk size), cold: the floor any
   loader of those bytes has to pay.
@@ -31,6 +34,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -41,12 +45,21 @@ ENV = dict(
     VLLM_CPU_KVCACHE_SPACE="1", VLLM_HOST_IP="127.0.0.1", HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1",
     DO_NOT_TRACK="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
 )
-#: load format -> the module it needs (None: always there).
-FORMATS = {"sllm": None, "safetensors": None, "fastsafetensors": "fastsafetensors", "runai_streamer": "runai_model_streamer"}
+#: row -> (vLLM load format, the module it needs (None: always there), extra loader config).
+#: "sllm" is the default flags once the model's vLLM layout exists (written by its first load:
+#: row "sllm-first", which starts each run without one); "sllm-by-name" turns the layout off.
+FORMATS: dict[str, tuple[str, str | None, dict | None]] = {
+    "sllm-first": ("sllm", None, None),
+    "sllm": ("sllm", None, None),
+    "sllm-by-name": ("sllm", None, {"layout": False}),
+    "safetensors": ("safetensors", None, None),
+    "fastsafetensors": ("fastsafetensors", "fastsafetensors", None),
+    "runai_streamer": ("runai_streamer", "runai_model_streamer", None),
+}
 
 
-def child(model: str, load_format: str) -> int:
-    """In a fresh process: build one engine, print ``{"start_s", "weights_s", "tokens"}`` as JSON."""
+def child(model: str, load_format: str, extra: str = "null") -> int:
+    """In a fresh process: build one engine, print ``{"start_s", "weights_s", "tokens", "layout"}`` as JSON."""
     for key, value in ENV.items():
         os.environ.setdefault(key, value)
     import vllm.model_executor.model_loader as ml
@@ -69,27 +82,37 @@ def child(model: str, load_format: str) -> int:
 
     ml.get_model_loader = timed_loader
     started = time.perf_counter()
-    llm = LLM(model=model, load_format=load_format, dtype="float32", max_model_len=256, enforce_eager=True, seed=0)
+    config = json.loads(extra)
+    kwargs = {} if config is None else {"model_loader_extra_config": config}
+    llm = LLM(model=model, load_format=load_format, dtype="float32", max_model_len=256, enforce_eager=True, seed=0,
+              **kwargs)
     start_s = time.perf_counter() - started
     out = llm.generate(["Hello, my name is"], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    layout = None
+    if load_format == "sllm":
+        from sllm.integrations.vllm.loader import SllmModelLoader
+
+        layout = SllmModelLoader.last_layout
     print(json.dumps({"start_s": start_s, "weights_s": timings[0] if timings else None,
-                      "tokens": list(out[0].outputs[0].token_ids)}), flush=True)
+                      "tokens": list(out[0].outputs[0].token_ids), "layout": layout}), flush=True)
     return 0
 
 
 def evict(directory: Path) -> None:
-    """Drop every file of ``directory`` from the page cache."""
+    """Drop every file under ``directory`` from the page cache."""
     from sllm.io.reader import evict_page_cache
 
-    for f in directory.iterdir():
+    for f in directory.rglob("*"):
         if f.is_file():
             evict_page_cache(f)
 
 
-def run_child(model: Path, load_format: str, timeout: float) -> dict:
+def run_child(model: Path, load_format: str, timeout: float, extra: dict | None = None,
+              layouts: Path | None = None) -> dict:
     """One engine start in a fresh interpreter; its JSON result (``error`` on failure)."""
-    proc = subprocess.run([sys.executable, __file__, "--child", str(model), load_format], capture_output=True,
-                          text=True, timeout=timeout, env=dict(os.environ, **ENV))
+    env = dict(os.environ, **ENV, **({"SLLM_VLLM_LAYOUT_DIR": str(layouts)} if layouts else {}))
+    proc = subprocess.run([sys.executable, __file__, "--child", str(model), load_format, json.dumps(extra)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         return {"error": lines[-1] if lines else f"exit {proc.returncode}"}
@@ -139,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=1, help="processes per figure (median)")
     p.add_argument("--formats", default=",".join(FORMATS), help="comma-separated load formats")
     p.add_argument("--timeout", type=float, default=600, help="seconds per engine start")
-    p.add_argument("--child", nargs=2, metavar=("MODEL", "FORMAT"), help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=3, metavar=("MODEL", "FORMAT", "EXTRA"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         return child(*args.child)
@@ -148,17 +171,22 @@ def main(argv: list[str] | None = None) -> int:
     src, dst = prepare(args.work_dir, args.layers, args.hidden, args.heads)
     rows: dict[str, dict] = {}
     skipped: dict[str, str] = {}
+    layouts = args.work_dir / "vllm-layouts"
     for fmt in args.formats.split(","):
-        need = FORMATS.get(fmt)
+        load_format, need, extra = FORMATS[fmt]
         if need is not None and importlib.util.find_spec(need) is None:
             skipped[fmt] = f"{need} is not installed"
             continue
-        model = dst if fmt == "sllm" else src
+        model = dst if load_format == "sllm" else src
         figures: dict[str, list[dict]] = {"cold": [], "warm": []}
         for _ in range(args.runs):
-            evict(model)
-            figures["cold"].append(run_child(model, fmt, args.timeout))
-            figures["warm"].append(run_child(model, fmt, args.timeout))
+            for kind in figures:
+                if fmt == "sllm-first":
+                    shutil.rmtree(layouts, ignore_errors=True)
+                if kind == "cold":
+                    evict(model)
+                    evict(layouts) if layouts.exists() else None
+                figures[kind].append(run_child(model, load_format, args.timeout, extra, layouts))
         errors = [r["error"] for rs in figures.values() for r in rs if "error" in r]
         if errors:
             skipped[fmt] = errors[0]
@@ -168,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             for kind, rs in figures.items() for what in ("start_s", "weights_s")
         }
         rows[fmt]["tokens"] = figures["warm"][0]["tokens"]
+        rows[fmt]["layout"] = sorted({r["layout"] for rs in figures.values() for r in rs if r.get("layout")})
     raws = [raw_read(dst) for _ in range(args.runs)]
     raw_s, nbytes, direct = statistics.median(r[0] for r in raws), raws[0][1], all(r[2] for r in raws)
 
@@ -177,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
           f" {'cold vs raw':>11}")
     for fmt, r in rows.items():
         print(f"{fmt:<16} {r['cold_start_s']:>12.2f} {r['cold_weights_s']:>14.2f} {r['warm_start_s']:>12.2f} "
-              f"{r['warm_weights_s']:>14.2f} {r['cold_weights_s'] / raw_s:>10.2f}x")
+              f"{r['warm_weights_s']:>14.2f} {r['cold_weights_s'] / raw_s:>10.2f}x  {','.join(r['layout'])}")
     print(f"{'raw read (' + ('O_DIRECT' if direct else 'buffered') + ')':<16} {'':>12} {raw_s:>14.2f} "
           f"{'':>12} {'':>14} {nbytes / raw_s / 1e9:>7.2f}GB/s")
     for fmt, why in skipped.items():

@@ -45,6 +45,7 @@ from sllm.core.format import (
     PartitionInfo,
     SourceFile,
     TensorEntry,
+    check_tensor_name,
     contiguous_stride,
     index_json,
     manifest_json,
@@ -335,6 +336,64 @@ def convert(
         dropped=dict(plan.dropped),
         swept=swept,
     )
+
+
+def write_tensors(
+    tensors: dict[str, torch.Tensor],
+    dst: str | Path,
+    *,
+    model_id: str,
+    alignment: int = DEFAULT_ALIGNMENT,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    force: bool = False,
+) -> Manifest:
+    """Write ``tensors`` as a one-partition sllm checkpoint at ``dst`` (no source, no side files).
+
+    For tensors that are not a Hugging Face checkpoint (e.g. a vLLM model's parameters,
+    :mod:`sllm.integrations.vllm.layout`): stored under the given names, in the given order,
+    each contiguous at an ``alignment``-aligned offset, chunks checksummed as ``convert``'s.
+
+    Args:
+        tensors: name -> tensor (any device and layout; written contiguous, dtype kept).
+        dst: the output directory, written under a temporary name and renamed into place.
+        model_id: recorded in the manifest.
+
+    Raises:
+        UsageError: a tensor's dtype has no name in the format (:data:`DTYPES`).
+        UnsafeTensorName: a name that could act as a path. DestinationExists: ``dst``
+        exists without ``force``. SllmError: ``dst``'s parent cannot be written. Nothing is
+        left at ``dst`` when anything fails.
+    """
+    specs: dict[str, tuple[tuple[int, ...], str]] = {}
+    for name, t in tensors.items():
+        check_tensor_name(name, str(dst))
+        dtype = str(t.dtype).removeprefix("torch.")
+        if dtype not in DTYPES:
+            raise UsageError(f"{dst}: tensor {name!r} has dtype {dtype}, which the sllm format cannot store")
+        specs[name] = (tuple(t.shape), dtype)
+    _, entries, sizes = plan_layout(specs, {}, 1, alignment)
+    dst = Path(dst)
+    remove_stale_temporaries(dst.parent)
+    with atomic_directory(dst, force=force) as tmp:
+        w = _ChunkedWriter(tmp / partition_file(0), chunk_bytes)
+        try:
+            for name, t in tensors.items():
+                w.pad_to(entries[name].offset)
+                w.write(_tensor_bytes(t.cpu()))
+            w.pad_to(sizes[0])
+            digests = w.close()
+        finally:
+            w.f.close()
+        floats = {e.dtype for e in entries.values() if e.dtype in ("float64", "float32", "float16", "bfloat16")}
+        manifest = Manifest(
+            model_id=model_id, dtype=floats.pop() if len(floats) == 1 else "mixed", alignment=alignment,
+            chunk_bytes=chunk_bytes, total_bytes=sizes[0],
+            partitions=(PartitionInfo(partition_file(0), sizes[0], tuple(digests)),),
+            created_by=f"sllm {__version__}",
+        )
+        (tmp / INDEX_FILE).write_bytes(index_json(entries))
+        (tmp / MANIFEST_FILE).write_bytes(manifest_json(manifest))
+    return manifest
 
 
 def plan_tensors(source: Source, src: Path, target: str) -> hf_keys.KeyPlan:

@@ -67,6 +67,20 @@ def build_source(arch: str, dst: Path, seed: int = 0) -> Path:
     return dst
 
 
+@pytest.fixture(scope="session", autouse=True)
+def layout_dir(tmp_path_factory):
+    """Where the engines of this session keep vLLM layouts (not the user's cache); their
+    subprocesses inherit it."""
+    path = tmp_path_factory.mktemp("vllm-layouts")
+    old = os.environ.get("SLLM_VLLM_LAYOUT_DIR")
+    os.environ["SLLM_VLLM_LAYOUT_DIR"] = str(path)
+    yield path
+    if old is None:
+        del os.environ["SLLM_VLLM_LAYOUT_DIR"]
+    else:
+        os.environ["SLLM_VLLM_LAYOUT_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """arch -> (Hugging Face source dir, converted sllm dir) for gpt2, llama, qwen2."""
@@ -107,3 +121,17 @@ def run_engine():
 def engine_result():
     """``engine_result(model, load_format, extra=None)`` -> its JSON result (see _engine_result)."""
     return _engine_result
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """``reference(arch_source_dir)`` -> vLLM's default loader's result on it (one engine per
+    directory per session: the tests compare several sllm loads with the same one)."""
+    done: dict[str, dict] = {}
+
+    def get(src: Path) -> dict:
+        if str(src) not in done:
+            done[str(src)] = _engine_result(src, "safetensors")
+        return done[str(src)]
+
+    return get

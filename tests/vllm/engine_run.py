@@ -2,7 +2,8 @@
 
 Run by the tests in a subprocess each, so that every engine starts in a fresh process:
 ``python engine_run.py MODEL LOAD_FORMAT [EXTRA_JSON]``. Prints one JSON line
-``{"tokens": [[...] per prompt], "logprobs": [[...] per prompt]}`` on stdout; a failing engine
+``{"tokens": [[...] per prompt], "logprobs": [[...] per prompt]}`` on stdout (with
+``--load-format sllm`` also ``layout`` and ``trim``: the loader's ``last_layout`` and ``last_trim``); a failing engine
 start leaves vLLM's own traceback on stderr and a non-zero exit status.
 """
 
@@ -35,6 +36,11 @@ def main() -> int:
         "tokens": [list(o.outputs[0].token_ids) for o in outs],
         "logprobs": [[max(d.values(), key=lambda lp: lp.logprob).logprob for d in o.outputs[0].logprobs] for o in outs],
     }
+    if load_format == "sllm":
+        from sllm.integrations.vllm.loader import SllmModelLoader
+
+        result["layout"] = SllmModelLoader.last_layout
+        result["trim"] = SllmModelLoader.last_trim
     print(json.dumps(result), flush=True)
     return 0
 

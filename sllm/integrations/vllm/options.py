@@ -28,6 +28,11 @@ class LoaderOptions:
         threads: reader threads per partition (default 4).
         direct_io: force O_DIRECT on or off (default: where the filesystem allows it).
         verify: check every chunk's SHA-256 against the manifest while reading.
+        layout: load through vLLM's parameter layout where it is exact (default true;
+            :mod:`sllm.integrations.vllm.layout`): the first load of a model writes its
+            parameters as vLLM holds them, later loads make them views of the read buffer.
+        layout_dir: where layouts are kept (default
+            :func:`~sllm.integrations.vllm.layout.default_layout_dir`).
     """
 
     cache_dir: str | None = None
@@ -36,6 +41,8 @@ class LoaderOptions:
     threads: int | None = None
     direct_io: bool | None = None
     verify: bool = False
+    layout: bool = True
+    layout_dir: str | None = None
 
     @classmethod
     def parse(cls, extra: Any) -> LoaderOptions:
@@ -55,10 +62,12 @@ class LoaderOptions:
                 f"--model-loader-extra-config: unknown key(s) {unknown} for --load-format sllm "
                 f"(known: {', '.join(known)})"
             )
-        kinds = {"cache_dir": str, "remote": str, "model": str, "threads": int, "direct_io": bool, "verify": bool}
+        kinds = {"cache_dir": str, "remote": str, "model": str, "threads": int, "direct_io": bool, "verify": bool,
+                 "layout": bool, "layout_dir": str}
         for key, value in extra.items():
             ok = value is None or (isinstance(value, kinds[key]) and not (kinds[key] is int and isinstance(value, bool)))
-            if not ok or (key == "threads" and value is not None and value < 1) or (key == "verify" and value is None):
+            bad_int = key == "threads" and value is not None and value < 1
+            if not ok or bad_int or (key in ("verify", "layout") and value is None):
                 raise UsageError(f"--model-loader-extra-config: {key!r} must be a {kinds[key].__name__}, not {value!r}")
         opts = cls(**extra)
         if opts.remote and not opts.cache_dir:

@@ -8,7 +8,8 @@ where the filesystem allows) into one buffer leased from a :class:`~sllm.core.po
 every tensor is a view of that buffer made before any byte is read, and a tensor is yielded
 as soon as every chunk under it has landed (while the reader threads go on with the next
 chunks). A buffer the pool still holds with the partition's bytes (same file, same identity:
-:func:`~sllm.core.loader.partition_tag`) is not read again.
+:func:`~sllm.core.loader.partition_tag`) is not read again, and a partition (nearly) whole in
+the page cache is mapped copy-on-write instead of read (``SLLM_PAGE_CACHE=0`` turns that off).
 
 It does not know vLLM (the names it yields are the checkpoint's stored names), copies no
 tensor bytes, and leaves the buffers leased: the caller releases them after the consumer is
@@ -28,11 +29,11 @@ import torch
 
 from sllm.core.format import Checkpoint
 from sllm.core.loader import LoadReport
-from sllm.core.partitions import partition_tag, tensor_views
+from sllm.core.partitions import RESIDENT_FRACTION, page_cache_enabled, partition_tag, tensor_views
 from sllm.core.pool import HostMemoryPool
-from sllm.errors import ChecksumMismatch
+from sllm.errors import CheckpointError, ChecksumMismatch
 from sllm.io.hostmem import HostBuffer
-from sllm.io.reader import DEFAULT_READ_THREADS, ParallelRead, chunk_ranges
+from sllm.io.reader import DEFAULT_READ_THREADS, ParallelRead, chunk_ranges, resident_fraction
 
 
 @dataclass
@@ -49,6 +50,8 @@ class StreamedLoad:
     Attributes:
         report: the load's figures once :meth:`tensors` is exhausted (``read_seconds`` is the
             wall time of the iteration, consumer's work included); None before.
+        leases: the buffers leased from the pool so far (a caller whose tensors keep viewing
+            them hands them to ``pool.reclaim`` instead of :meth:`release`).
     """
 
     ckpt: Checkpoint
@@ -57,7 +60,7 @@ class StreamedLoad:
     direct_io: bool | None = None
     verify: bool = False
     report: LoadReport | None = None
-    _leases: list[HostBuffer] = field(default_factory=list)
+    leases: list[HostBuffer] = field(default_factory=list)
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(stored name, CPU tensor view)`` for every index entry, each once its bytes are in.
@@ -103,8 +106,8 @@ class StreamedLoad:
         hits, directs = [], []
         for part, info in enumerate(manifest.partitions):
             tag = partition_tag(self.ckpt, part)
-            host = self.pool.acquire(info.nbytes, tag=tag)
-            self._leases.append(host)
+            host = self.pool.take(tag, info.nbytes) or self._mapped(part) or self.pool.acquire(info.nbytes)
+            self.leases.append(host)
             buffers = [host.tensor[: info.nbytes] if p == part else torch.empty(0, dtype=torch.uint8)
                        for p in range(len(manifest.partitions))]
             names = sorted((n for n, e in self.ckpt.tensors.items() if e.partition == part),
@@ -115,13 +118,15 @@ class StreamedLoad:
             last = [(e.offset + e.nbytes - 1) // chunk if e.nbytes else -1 for e in (self.ckpt.tensors[n] for n in names)]
             hit = host.tag == tag
             hits.append(hit)
-            if hit:
+            if hit or host.file_backed:
+                host.tag = tag
                 yield from ((n, views[n]) for n in names)
                 continue
             host.tag = None
             read = ParallelRead(
                 self.ckpt.partition_path(part), host.memoryview(info.nbytes), chunk_bytes=chunk,
                 threads=self.threads, direct_io=self.direct_io, on_chunk=self._checker(part) if self.verify else None,
+                prefault=None if host.faulted else host.prefault,  # a fresh buffer's faults off the reads' path
             )
             landed = [False] * len(chunk_ranges(info.nbytes, chunk))
             low, nxt = 0, 0  # chunks [0, low) have all landed; names[:nxt] were yielded
@@ -134,6 +139,7 @@ class StreamedLoad:
                     nxt += 1
             yield from ((n, views[n]) for n in names[nxt:])
             directs.append(read.direct_io)
+            host.faulted = host.faulted or info.nbytes == host.nbytes
             host.tag = tag
         seconds = time.perf_counter() - started
         self.report = LoadReport(
@@ -142,6 +148,21 @@ class StreamedLoad:
             gbps=manifest.total_bytes / seconds / 1e9 if seconds > 0 else 0.0,
             direct_io=bool(directs) and all(directs), pool_hit=all(hits), device="cpu",
         )
+
+    def _mapped(self, part: int) -> HostBuffer | None:
+        """The partition mapped copy-on-write from the page cache when (nearly) all of it is
+        there (as :func:`sllm.core.partitions.fill_partition` does): no read, no copy."""
+        info = self.ckpt.manifest.partitions[part]
+        path = self.ckpt.partition_path(part)
+        if self.verify or self.direct_io is True or not page_cache_enabled() or info.nbytes == 0:
+            return None
+        resident = resident_fraction(path)
+        if resident is None or resident < RESIDENT_FRACTION:
+            return None
+        try:
+            return self.pool.adopt(HostBuffer.map_file(path, info.nbytes))
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot map ({exc.strerror})") from exc
 
     def _checker(self, part: int) -> Callable[[int, int, int, memoryview], None]:
         info = self.ckpt.manifest.partitions[part]
@@ -155,6 +176,6 @@ class StreamedLoad:
 
     def release(self) -> None:
         """Give the partition buffers back to the pool; no view may be used afterwards."""
-        for host in self._leases:
+        for host in self.leases:
             self.pool.release(host)
-        self._leases = []
+        self.leases = []
