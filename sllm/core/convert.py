@@ -346,6 +346,7 @@ def write_tensors(
     alignment: int = DEFAULT_ALIGNMENT,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     force: bool = False,
+    on_written: Callable[[], None] | None = None,
 ) -> Manifest:
     """Write ``tensors`` as a one-partition sllm checkpoint at ``dst`` (no source, no side files).
 
@@ -357,6 +358,10 @@ def write_tensors(
         tensors: name -> tensor (any device and layout; written contiguous, dtype kept).
         dst: the output directory, written under a temporary name and renamed into place.
         model_id: recorded in the manifest.
+        on_written: called once every byte is written (in the page cache), before the files
+            are flushed to storage and renamed into place: the tensors may change from then.
+            Temporaries of dead writers beside ``dst`` are the caller's to sweep
+            (:func:`~sllm.io.atomic.remove_stale_temporaries`).
 
     Raises:
         UsageError: a tensor's dtype has no name in the format (:data:`DTYPES`).
@@ -373,7 +378,6 @@ def write_tensors(
         specs[name] = (tuple(t.shape), dtype)
     _, entries, sizes = plan_layout(specs, {}, 1, alignment)
     dst = Path(dst)
-    remove_stale_temporaries(dst.parent)
     with atomic_directory(dst, force=force) as tmp:
         w = _ChunkedWriter(tmp / partition_file(0), chunk_bytes)
         try:
@@ -393,6 +397,8 @@ def write_tensors(
         )
         (tmp / INDEX_FILE).write_bytes(index_json(entries))
         (tmp / MANIFEST_FILE).write_bytes(manifest_json(manifest))
+        if on_written is not None:
+            on_written()
     return manifest
 
 

@@ -39,6 +39,9 @@ def test_write_tensors_round_trips_names_dtypes_and_strided_input(tmp_path):
             assert torch.equal(loaded.state_dict[name], t), name
     finally:
         loaded.release()
+    seen = []
+    write_tensors(src, tmp_path / "z", model_id="k", on_written=lambda: seen.append((tmp_path / "z").exists()))
+    assert seen == [False] and open_checkpoint(tmp_path / "z").tensors.keys() == src.keys()  # before the rename
     with pytest.raises(UsageError, match="complex64"):
         write_tensors({"z": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "y", model_id="k")
     assert not (tmp_path / "y").exists()

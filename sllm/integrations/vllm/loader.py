@@ -21,6 +21,7 @@ It does not build models, pick devices or change vLLM's memory accounting.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,7 +51,11 @@ from sllm.integrations.vllm.layout import (
 from sllm.integrations.vllm.names import source_weights
 from sllm.integrations.vllm.options import LoaderOptions
 from sllm.integrations.vllm.stream import StreamedLoad
+from sllm.io.atomic import remove_stale_temporaries
 from sllm.io.reader import DEFAULT_READ_THREADS
+
+#: Layout directories this process has swept of dead writers' temporaries.
+_swept: set[Path] = set()
 
 # Under "vllm." so that vLLM's logging configuration shows it with its own lines.
 logger = init_logger("vllm.model_executor.model_loader.sllm")
@@ -77,6 +82,8 @@ class SllmModelLoader(BaseModelLoader):
     #: (by name, the layout not written), "off" (by name, ``layout`` false) or "unusable: why"
     #: (by name, no layout can stand for this model).
     last_layout: str = ""
+    #: The threads flushing layouts written by this process (each ends with its rename).
+    layout_writes: list[threading.Thread] = []
     #: (bytes still viewed, bytes given back) of the last aliased load's buffers after vLLM
     #: processed the weights (one-load pools only); None otherwise.
     last_trim: tuple[int, int] | None = None
@@ -243,13 +250,32 @@ class SllmModelLoader(BaseModelLoader):
             logger.warning("sllm: vLLM's weight loaders changed the model's parameters; no vLLM layout written")
             return
         started = time.perf_counter()
-        try:
-            write_tensors(tensors, where, model_id=where.name, force=True)
-        except (SllmError, OSError) as exc:
-            logger.warning("sllm: could not write the vLLM layout %s (%s); later loads copy as this one did", where, exc)
-            return
-        SllmModelLoader.last_layout = "written"
-        logger.info("sllm: vLLM layout written to %s in %.2f s (later loads alias it)", where, time.perf_counter() - started)
+        if where.parent not in _swept:  # once per process: later temporaries may be this process's own
+            remove_stale_temporaries(where.parent)
+            _swept.add(where.parent)
+        written = threading.Event()
+        failed: list[BaseException] = []
+
+        def write() -> None:
+            try:
+                write_tensors(tensors, where, model_id=where.name, force=True, on_written=written.set)
+                logger.info("sllm: vLLM layout in place at %s after %.2f s", where, time.perf_counter() - started)
+            except (SllmError, OSError) as exc:
+                failed.append(exc)
+                logger.warning("sllm: could not write the vLLM layout %s (%s); later loads copy as this one did",
+                               where, exc)
+            finally:
+                written.set()
+
+        # Not a daemon: the interpreter's exit waits for the flush and the rename.
+        thread = threading.Thread(target=write, name="sllm-vllm-layout")
+        thread.start()
+        written.wait()  # every byte is in the files: vLLM may process the weights from here
+        if not failed:
+            SllmModelLoader.last_layout = "written"
+            logger.info("sllm: vLLM layout written in %.2f s (flushed and renamed into place in the background; "
+                        "later loads alias it)", time.perf_counter() - started)
+        SllmModelLoader.layout_writes.append(thread)
 
 
 @contextlib.contextmanager
