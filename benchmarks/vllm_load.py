@@ -15,10 +15,12 @@ On one random-weight model (default the GPT-2-medium shape in float32, 24 layers
   call, seconds) and the weight loading inside it (the loader's ``load_weights``: reading
   the checkpoint and filling vLLM's parameters), **cold** (the model files, and sllm's vLLM
   layout, evicted from the page cache first, ``posix_fadvise(DONTNEED)``) and **warm** (the
-  same again, files cached), in the same run. sllm has three rows: ``sllm-first``, a load
-  with no vLLM layout yet (its tensors through vLLM's weight loaders by name, then the
-  layout written: the first start of a model on a node), ``sllm`` (default flags once the
-  layout exists: every later start) and ``sllm-by-name`` (``{"layout": false}``);
+  same again with those files read once before: in the page cache, which sllm's O_DIRECT
+  reads of the cold run would not leave them in), in the same run. sllm has three rows:
+  ``sllm-first``, a load with no vLLM layout yet (its tensors through vLLM's weight loaders
+  by name, then the layout written: the first start of a model on a node), ``sllm``
+  (default flags once the layout exists: every later start) and ``sllm-by-name``
+  (``{"layout": false}``);
 - the **raw O_DIRECT read** of the same bytes (the sllm partition file into one fresh host
   buffer with sllm's reader: 4 threads, the manifest's chunk size), cold: the floor any
   loader of those bytes has to pay.
@@ -107,6 +109,15 @@ def evict(directory: Path) -> None:
             evict_page_cache(f)
 
 
+def cache(directory: Path) -> None:
+    """Read every file under ``directory`` once (buffered), so its pages are in the page cache."""
+    for f in directory.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                while fh.read(16 << 20):
+                    pass
+
+
 def run_child(model: Path, load_format: str, timeout: float, extra: dict | None = None,
               layouts: Path | None = None) -> dict:
     """One engine start in a fresh interpreter; its JSON result (``error`` on failure)."""
@@ -183,9 +194,9 @@ def main(argv: list[str] | None = None) -> int:
             for kind in figures:
                 if fmt == "sllm-first":
                     shutil.rmtree(layouts, ignore_errors=True)
-                if kind == "cold":
-                    evict(model)
-                    evict(layouts) if layouts.exists() else None
+                for where in (model, layouts):
+                    if where.exists():
+                        (evict if kind == "cold" else cache)(where)
                 figures[kind].append(run_child(model, load_format, args.timeout, extra, layouts))
         errors = [r["error"] for rs in figures.values() for r in rs if "error" in r]
         if errors:
