@@ -20,6 +20,7 @@ import pytest
 from test_remote import free_port
 
 from sllm.core.cache import CacheConfig, TierCache
+from sllm.core.format import open_checkpoint
 from sllm.server.frontdoor import ESTIMATE_HEADER, FORWARDED_HEADER, SERVED_BY_HEADER
 
 START_SECONDS = 120  # hang guards, not performance bounds
@@ -131,6 +132,7 @@ def test_status_reports_what_the_scheduler_needs(cluster):
     st = httpx.get(cluster.url("a") + "/status", timeout=30).json()
     [m] = [m for m in st["models"] if m["model"] == "gpt2-a"]
     assert m["tiers"] == ["dram", "ssd"] and st["model_bytes"]["gpt2-a"] > 0
+    assert st["model_tensors"]["gpt2-a"] == len(open_checkpoint(cluster.remote / "gpt2-a").tensors)
     assert st["loader_queue"] == [] and st["resident"] == []
     assert st["prefill_fit"]["gpt2-a"]["recorded"] == 1 and st["prefill_fit"]["gpt2-a"]["samples"] == 0  # default yet
     assert st["engine"]["mean_generated_tokens"] > 0

@@ -136,7 +136,7 @@ STATUS = {
     "resident": [{"model": "x", "nbytes": 300, "pinned": False, "idle_seconds": 0.0,
                   "requests": [{"id": "r1", "prompt_tokens": 10, "completion_tokens": 4}]}],
     "models": [{"model": "x", "tiers": ["device", "dram", "ssd"]}, {"model": "y", "tiers": ["local"]}],
-    "model_bytes": {"x": 300},
+    "model_bytes": {"x": 300}, "model_tensors": {"x": 29, "y": 0},
     "loader_queue": [{"model": "z", "nbytes": 50, "tier": "remote", "elapsed_seconds": 0.5, "running": True}],
     "prefill_fit": {"x": {"a_seconds_per_token": 0.001, "b_seconds": 0.01, "samples": 7}},
     "cache": {"remote": "http://store"},
@@ -148,7 +148,7 @@ def test_parse_status():
     assert st.up and st.max_memory_bytes == 1000 and st.resident_bytes == 300
     assert st.resident[0].requests[0].tokens == 14 and st.tiers == {"x": ("dram", "ssd"), "y": ("local",)}
     assert st.model_bytes == {"x": 300} and st.loader[0].running and st.loader[0].tier == "remote"
-    assert st.prefill["x"].samples == 7 and st.has_remote
+    assert st.prefill["x"].samples == 7 and st.has_remote and st.model_tensors == {"x": 29}
     assert not parse_status("a", {"resident": [{"nbytes": 1}]}).up  # malformed: down, not a crash
     assert not parse_status("a", {}).has_remote
 

@@ -7,7 +7,7 @@ import math
 import random
 
 import pytest
-from test_estimator import GB, gpu_node
+from test_estimator import GB, gpu_node, load_path_node
 
 from sllm.core.inventory import Inventory, LoaderJob, NodeState, PrefillFit, ResidentModel, RunningRequest
 from sllm.core.scheduler import get_migrator, plan, summarize
@@ -261,3 +261,18 @@ def test_a_remote_only_models_size_is_asked_of_the_nodes_that_can_pull_it():
     nobody = with_remote_size("q", inv, states, lambda spec: None)
     with pytest.raises(SchedulingError, match="size of 'q' is unknown"):
         plan("q", nobody, states)
+
+
+def test_a_nodes_tensor_count_corrects_the_fixed_cost_of_every_nodes_load():
+    """A node that has the checkpoint's index reports its tensor count; the per-tensor part of
+    each node's fixed cost (its profile's) uses it, here for a DRAM hit elsewhere."""
+    from dataclasses import replace
+
+    spec = replace(load_path_node(), load_seconds_per_tensor=1e-5, load_probe_tensors=100)
+    inv = Inventory({"a": replace(spec, name="a"), "b": replace(spec, name="b")}, model_bytes={"m": GB})
+    counted = {"a": state("a", tiers={"m": ("dram",)}), "b": state("b", tiers={"m": ("ssd",)}, model_tensors={"m": 300})}
+    p = plan("m", inv, counted)
+    dram = next(o for o in p.options if o.node == "a")
+    assert dram.load.fixed_seconds == pytest.approx(0.003 + 1e-5 * 200)
+    unknown = plan("m", inv, {"a": state("a", tiers={"m": ("dram",)}), "b": state("b", tiers={"m": ("ssd",)})})
+    assert next(o for o in unknown.options if o.node == "a").load.fixed_seconds == pytest.approx(0.003)

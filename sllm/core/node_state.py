@@ -116,6 +116,8 @@ class NodeState:
         mean_generated_tokens: the mean completion length of the requests it served (None:
             unknown). With the decode time, they let the scheduler estimate when busy models
             will free their memory.
+        model_tensors: model -> its checkpoint's tensor count, where the node has the index
+            (a local or SSD copy): the per-tensor part of a load's fixed cost.
     """
 
     name: str
@@ -130,6 +132,7 @@ class NodeState:
     has_remote: bool = True
     decode_seconds_per_token: float | None = None
     mean_generated_tokens: float | None = None
+    model_tensors: Mapping[str, int] = field(default_factory=dict)
 
     def resident_model(self, model: str) -> ResidentModel | None:
         """The resident entry of ``model``, or None."""
@@ -178,8 +181,9 @@ def parse_status(name: str, status: Mapping[str, Any]) -> NodeState:
         engine = status.get("engine") or {}
         decode = engine.get("decode_seconds_per_token")
         mean_gen = engine.get("mean_generated_tokens")
+        counts = {str(k): int(v) for k, v in (status.get("model_tensors") or {}).items() if int(v) > 0}
         return NodeState(name, True, None, status.get("max_memory_bytes"), resident, tiers, sizes, loader, prefill,
-                         has_remote=bool(cache and cache.get("remote")),
+                         model_tensors=counts, has_remote=bool(cache and cache.get("remote")),
                          decode_seconds_per_token=None if decode is None else float(decode),
                          mean_generated_tokens=None if mean_gen is None else float(mean_gen))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:

@@ -230,6 +230,12 @@ def source_tier(model: str, state: NodeState) -> str | None:
     return "remote" if state.has_remote else None
 
 
+def _tensors(model: str, states: Mapping[str, NodeState]) -> int | None:
+    """The tensor count of ``model``'s checkpoint from any node that has its index (the same
+    checkpoint everywhere), else None (the estimate then uses the profile's probe count)."""
+    return next((st.model_tensors[model] for st in states.values() if st.up and st.model_tensors.get(model)), None)
+
+
 def _budget(spec: NodeSpec, state: NodeState) -> int | None:
     return state.max_memory_bytes if state.max_memory_bytes is not None else spec.memory_budget_bytes
 
@@ -275,7 +281,8 @@ def node_option(
         return Option(spec.name, "unavailable", tier, math.inf,
                       reasons=(f"needs {nbytes} bytes; the node's budget is {budget} bytes",))
     try:
-        load = estimate_load(spec, model, tier, nbytes, queue=state.loader, remote_gbps=inventory.remote_gbps)
+        load = estimate_load(spec, model, tier, nbytes, queue=state.loader, remote_gbps=inventory.remote_gbps,
+                             tensors=_tensors(model, states))
     except EstimateError as exc:
         return Option(spec.name, "unavailable", tier, math.inf, reasons=(str(exc),))
     reasons = [f"load from {tier}: {load.transfer_seconds:.3f} s transfer + {load.queue_seconds:.3f} s queue + "

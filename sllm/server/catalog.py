@@ -65,11 +65,13 @@ class Snapshot:
 @dataclass(frozen=True)
 class Facts:
     """A local checkpoint's facts for the catalogue: ``nbytes`` (None when it does not
-    validate), ``error`` (why, else None), ``created`` (its manifest's mtime, Unix seconds)."""
+    validate), ``error`` (why, else None), ``created`` (its manifest's mtime, Unix seconds),
+    ``tensors`` (its tensor index's entries; None when it does not validate)."""
 
     nbytes: int | None
     error: str | None
     created: float
+    tensors: int | None = None
 
 
 class Catalog:
@@ -114,7 +116,8 @@ class Catalog:
         if hit is not None and hit[0] == key:
             return hit[1]
         try:
-            facts = Facts(open_checkpoint(path).manifest.total_bytes, None, st.st_mtime)
+            ckpt = open_checkpoint(path)
+            facts = Facts(ckpt.manifest.total_bytes, None, st.st_mtime, len(ckpt.tensors))
         except CheckpointError as exc:
             facts = Facts(None, str(exc), st.st_mtime)
         with self._lock:

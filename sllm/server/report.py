@@ -161,7 +161,7 @@ async def status(m: ModelManager) -> dict[str, Any]:
     pool = m.pool.stats()
     cached = m.snapshot.cached
     ids = sorted(set(m.entries) | set(cached))
-    sizes = await m.in_meta(_sizes, m, ids)
+    sizes, tensors = await m.in_meta(_sizes, m, ids)
     models = [{"model": mid, "source": m.entries[mid].kind if mid in m.entries else "cache",
                "tiers": m.tiers_of(mid)}
               for mid in ids]
@@ -182,27 +182,34 @@ async def status(m: ModelManager) -> dict[str, Any]:
         "last_cold_start": None if m.last_cold is None else dataclasses.asdict(m.last_cold),
         "counters": dict(m.counters),
         "model_bytes": sizes,
+        "model_tensors": tensors,
         "loader_queue": loader_queue(m, sizes),
         **m.timings.status(),
     }
 
 
-def _sizes(m: ModelManager, ids: list[str]) -> dict[str, int]:
+def _sizes(m: ModelManager, ids: list[str]) -> tuple[dict[str, int], dict[str, int]]:
     """Metadata thread: the weights' bytes of each model the node holds (resident, local or
-    cached), where known (checkpoint facts are cached by the catalogue)."""
+    cached), and the tensors of its checkpoint's index (local or on SSD: the scheduler's
+    per-tensor part of a load's fixed cost), where known (checkpoint facts are cached by the
+    catalogue)."""
     out: dict[str, int] = {}
+    counts: dict[str, int] = {}
     for mid in ids:
         e = m.entries.get(mid)
-        nbytes = None
+        nbytes = tensors = None
+        if e is not None and e.kind == "local" and e.path is not None:
+            facts = m.catalogue.facts(e.path)
+            nbytes, tensors = facts.nbytes, facts.tensors
+        elif m.tiers is not None:
+            nbytes, tensors = m.tiers.nbytes_of(mid), m.tiers.tensors_of(mid)
         if e is not None and e.resident is not None:
             nbytes = e.resident.nbytes
-        elif e is not None and e.kind == "local" and e.path is not None:
-            nbytes = m.catalogue.facts(e.path).nbytes
-        elif m.tiers is not None:
-            nbytes = m.tiers.nbytes_of(mid)
         if nbytes:
             out[mid] = int(nbytes)
-    return out
+        if tensors:
+            counts[mid] = int(tensors)
+    return out, counts
 
 
 def loader_queue(m: ModelManager, sizes: dict[str, int]) -> list[dict[str, Any]]:

@@ -121,6 +121,15 @@ class NodeTiers:
                 return open_checkpoint(self.cache.ssd.path_of(model)).manifest.total_bytes
         return None
 
+    def tensors_of(self, model: str) -> int | None:
+        """The tensor index's entries of a model cached on SSD; None when it is not there."""
+        from sllm.core.format import open_checkpoint
+
+        if self.cache.ssd.has(model):
+            with contextlib.suppress(SllmError, OSError):
+                return len(open_checkpoint(self.cache.ssd.path_of(model)).tensors)
+        return None
+
     def created_of(self, model: str) -> float | None:
         """When ``model``'s SSD entry was written (its manifest's mtime, Unix seconds); None
         when it is not on SSD."""
