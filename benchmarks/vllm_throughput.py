@@ -80,7 +80,8 @@ def start(kind: str, src: Path, work: Path) -> tuple[subprocess.Popen, str]:
                "--port", str(port), "--dtype", "float32", "--enforce-eager", "--seed", "0",
                "--served-model-name", MODEL_NAME, "--disable-log-stats"]
     log = open(work / f"{kind}-server.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, **ENV))
+    env = dict(os.environ, **ENV, SLLM_VLLM_LAYOUT_DIR=str(work / "vllm-layouts"))  # not the user's cache
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
