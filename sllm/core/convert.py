@@ -22,8 +22,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import queue
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -160,14 +162,33 @@ def plan_layout(
 
 
 class _ChunkedWriter:
-    """Writes a partition sequentially and computes the sha256 of every chunk as it goes."""
+    """Writes a partition sequentially and computes the sha256 of every chunk as it goes.
+
+    The hashing runs in a thread of its own, in write order, while the next pieces are
+    written (both release the GIL): a partition costs about max(write, hash) instead of
+    their sum. A piece stays referenced until it is hashed, so the caller may drop its
+    tensor once :meth:`write` returns. :meth:`close` (or :meth:`abort`) ends the thread.
+    """
 
     def __init__(self, path: Path, chunk_bytes: int) -> None:
         self.f = open(path, "wb")  # noqa: SIM115 - closed in close()
         self.chunk_bytes = chunk_bytes
         self.pos = 0
         self.digests: list[str] = []
-        self._hash = hashlib.sha256()
+        self._pieces: queue.SimpleQueue[tuple[memoryview, bool] | None] = queue.SimpleQueue()
+        self._last = hashlib.sha256()
+        self._hasher = threading.Thread(target=self._hash, name="sllm-chunk-hash", daemon=True)
+        self._hasher.start()
+
+    def _hash(self) -> None:
+        h = hashlib.sha256()
+        while (item := self._pieces.get()) is not None:
+            piece, ends_chunk = item
+            h.update(piece)
+            if ends_chunk:
+                self.digests.append(h.hexdigest())
+                h = hashlib.sha256()
+        self._last = h
 
     def write(self, data: memoryview | bytes) -> None:
         view = memoryview(data).cast("B")
@@ -175,12 +196,9 @@ class _ChunkedWriter:
             room = self.chunk_bytes - (self.pos % self.chunk_bytes)
             piece = view[:room]
             self.f.write(piece)
-            self._hash.update(piece)
             self.pos += len(piece)
+            self._pieces.put((piece, self.pos % self.chunk_bytes == 0))
             view = view[len(piece) :]
-            if self.pos % self.chunk_bytes == 0:
-                self.digests.append(self._hash.hexdigest())
-                self._hash = hashlib.sha256()
 
     def pad_to(self, offset: int) -> None:
         if offset < self.pos:
@@ -189,10 +207,18 @@ class _ChunkedWriter:
             self.write(bytes(offset - self.pos))
 
     def close(self) -> list[str]:
+        self.abort()
         if self.pos % self.chunk_bytes or not self.digests:
-            self.digests.append(self._hash.hexdigest())
-        self.f.close()
+            self.digests.append(self._last.hexdigest())
         return self.digests
+
+    def abort(self) -> None:
+        """Stop the hashing thread and close the file (idempotent)."""
+        if self._hasher.is_alive():
+            self._pieces.put(None)
+            self._hasher.join()
+        if not self.f.closed:
+            self.f.close()
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -296,8 +322,7 @@ def convert(
                 digests.append(w.close())
         finally:
             for w in writers:
-                if not w.f.closed:
-                    w.f.close()
+                w.abort()
         copied = _copy_side_files(src, tmp)
         config_changes = _untie_config(tmp) if untie else {}
         float_dtypes = {e.dtype for e in entries.values() if e.dtype in ("float64", "float32", "float16", "bfloat16")}
@@ -387,7 +412,7 @@ def write_tensors(
             w.pad_to(sizes[0])
             digests = w.close()
         finally:
-            w.f.close()
+            w.abort()
         floats = {e.dtype for e in entries.values() if e.dtype in ("float64", "float32", "float16", "bfloat16")}
         manifest = Manifest(
             model_id=model_id, dtype=floats.pop() if len(floats) == 1 else "mixed", alignment=alignment,
