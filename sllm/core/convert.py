@@ -166,8 +166,9 @@ class _ChunkedWriter:
 
     The hashing runs in a thread of its own, in write order, while the next pieces are
     written (both release the GIL): a partition costs about max(write, hash) instead of
-    their sum. A piece stays referenced until it is hashed, so the caller may drop its
-    tensor once :meth:`write` returns. :meth:`close` (or :meth:`abort`) ends the thread.
+    their sum. A piece stays referenced until it is hashed (at most 16 pieces of at most a
+    chunk wait), so the caller may drop its tensor, but not change it, once :meth:`write`
+    returns. :meth:`close` (or :meth:`abort`) ends the thread.
     """
 
     def __init__(self, path: Path, chunk_bytes: int) -> None:
@@ -175,7 +176,8 @@ class _ChunkedWriter:
         self.chunk_bytes = chunk_bytes
         self.pos = 0
         self.digests: list[str] = []
-        self._pieces: queue.SimpleQueue[tuple[memoryview, bool] | None] = queue.SimpleQueue()
+        # bounded: a writer faster than the hash waits, instead of holding every piece not yet hashed
+        self._pieces: queue.Queue[tuple[memoryview, bool] | None] = queue.Queue(maxsize=16)
         self._last = hashlib.sha256()
         self._hasher = threading.Thread(target=self._hash, name="sllm-chunk-hash", daemon=True)
         self._hasher.start()
