@@ -82,7 +82,7 @@ class SllmModelLoader(BaseModelLoader):
     #: (by name, the layout not written), "off" (by name, ``layout`` false) or "unusable: why"
     #: (by name, no layout can stand for this model).
     last_layout: str = ""
-    #: The threads flushing layouts written by this process (each ends with its rename).
+    #: The threads still flushing layouts this process wrote (each ends with its rename).
     layout_writes: list[threading.Thread] = []
     #: (bytes still viewed, bytes given back) of the last aliased load's buffers after vLLM
     #: processed the weights (one-load pools only); None otherwise.
@@ -260,7 +260,7 @@ class SllmModelLoader(BaseModelLoader):
             try:
                 write_tensors(tensors, where, model_id=where.name, force=True, on_written=written.set)
                 logger.info("sllm: vLLM layout in place at %s after %.2f s", where, time.perf_counter() - started)
-            except (SllmError, OSError) as exc:
+            except Exception as exc:  # a cache that cannot be written must not fail the engine
                 failed.append(exc)
                 logger.warning("sllm: could not write the vLLM layout %s (%s); later loads copy as this one did",
                                where, exc)
@@ -275,7 +275,7 @@ class SllmModelLoader(BaseModelLoader):
             SllmModelLoader.last_layout = "written"
             logger.info("sllm: vLLM layout written in %.2f s (flushed and renamed into place in the background; "
                         "later loads alias it)", time.perf_counter() - started)
-        SllmModelLoader.layout_writes.append(thread)
+        SllmModelLoader.layout_writes[:] = [t for t in SllmModelLoader.layout_writes if t.is_alive()] + [thread]
 
 
 @contextlib.contextmanager
