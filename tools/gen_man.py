@@ -47,7 +47,9 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {
          "sllm convert ./gpt2 ./gpt2.sllm --json"),
         ("Serve the converted model with vLLM, its weights read by sllm's loader (the load format that "
          "installing sllm beside vLLM registers; tier options go in --model-loader-extra-config as JSON: "
-         "cache_dir, remote, model, threads, direct_io, verify):",
+         "cache_dir, remote, model, threads, direct_io, verify, layout, layout_dir; the first load writes the model's "
+         "vLLM layout, in $SLLM_VLLM_LAYOUT_DIR or ~/.cache/sllm/vllm-layouts, and later loads make vLLM's parameters "
+         "views of it, with no copy, where its parameters live in host memory):",
          "python -m vllm.entrypoints.openai.api_server --model ./qwen2.sllm --load-format sllm"),
     ],
     "load": [
@@ -156,6 +158,10 @@ GLOBAL_ENV: list[tuple[str, str]] = [
     ("SLLM_DEBUG", "Set to 1 to show the Python traceback of an error instead of the one-line message."),
     ("SLLM_HUGEPAGES",
      "Set to 0 to stop advising transparent huge pages (MADV_HUGEPAGE) for the loader's host buffers (default: advised)."),
+    ("SLLM_VLLM_LAYOUT_DIR",
+     "Where --load-format sllm (and sllm serve --backend vllm) keeps vLLM layouts: a model's parameters as vLLM "
+     "holds them, written by its first load and aliased by later ones (default ~/.cache/sllm/vllm-layouts, or "
+     "$XDG_CACHE_HOME/sllm/vllm-layouts)."),
     ("SLLM_REMOTE_TIMEOUT", "Seconds a remote may take to connect or to send the next bytes (default 30)."),
     ("SLLM_REMOTE_STALL_SECONDS",
      "A pull that moves under 64 KiB in this many seconds fails as stalled (default 60)."),

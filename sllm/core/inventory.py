@@ -61,6 +61,8 @@ as a DRAM hit on the CPU). Profiles without them are read as before. ``loader.se
 and ``loader.probe_tensors`` (``load-bench --tiers`` writes them too) correct those fixed parts
 for a model with another tensor count: ``+ seconds_per_tensor * (tensors - probe_tensors)``
 (building the skeleton and its views costs per tensor; a DRAM hit on the CPU is nothing else).
+The model's tensor count comes from any node that has its tensor index (a local or SSD copy:
+``model_tensors`` in its ``/status``); where none has, the probe's count is assumed (no correction).
 
 It does not estimate or decide: :mod:`sllm.core.estimator` and :mod:`sllm.core.scheduler` do.
 """
