@@ -24,6 +24,7 @@ import hashlib
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -140,6 +141,25 @@ def _landed_ranges(
     host.faulted = host.faulted or info.nbytes == host.nbytes
 
 
+def cached(path: Path) -> bool:
+    """True when at least :data:`RESIDENT_FRACTION` of ``path``'s pages are in the page cache."""
+    resident = resident_fraction(path)
+    return resident is not None and resident >= RESIDENT_FRACTION
+
+
+def map_cached(pool: HostMemoryPool, path: Path, nbytes: int) -> HostBuffer:
+    """The first ``nbytes`` of ``path`` mapped copy-on-write from the page cache, as a lease
+    of ``pool`` (no read, no copy).
+
+    Raises:
+        CheckpointError: the file cannot be mapped (the message names it).
+    """
+    try:
+        return pool.adopt(HostBuffer.map_file(path, nbytes))
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot map ({exc.strerror})") from exc
+
+
 def fill_partition(
     ckpt: Checkpoint,
     part: int,
@@ -164,17 +184,12 @@ def fill_partition(
     host = pool.take(tag, info.nbytes)
     via = ["pool"]
     read = host is None
-    if host is None and direct_io is not True and page_cache_enabled() and info.nbytes > 0:
-        resident = resident_fraction(path)
-        if resident is not None and resident >= RESIDENT_FRACTION:
-            if device.type == "cpu":
-                try:
-                    host = pool.adopt(HostBuffer.map_file(path, info.nbytes))
-                except OSError as exc:
-                    raise CheckpointError(f"{path}: cannot map ({exc.strerror})") from exc
-                via, read = ["page-cache"], False
-            else:
-                direct_io = False  # a memory copy out of the page cache, into pinned memory
+    if host is None and direct_io is not True and page_cache_enabled() and info.nbytes > 0 and cached(path):
+        if device.type == "cpu":
+            host = map_cached(pool, path, info.nbytes)
+            via, read = ["page-cache"], False
+        else:
+            direct_io = False  # a memory copy out of the page cache, into pinned memory
     if host is None:
         host = pool.acquire(info.nbytes)
     try:

@@ -29,11 +29,11 @@ import torch
 
 from sllm.core.format import Checkpoint
 from sllm.core.loader import LoadReport
-from sllm.core.partitions import RESIDENT_FRACTION, page_cache_enabled, partition_tag, tensor_views
+from sllm.core.partitions import cached, map_cached, page_cache_enabled, partition_tag, tensor_views
 from sllm.core.pool import HostMemoryPool
-from sllm.errors import CheckpointError, ChecksumMismatch
+from sllm.errors import ChecksumMismatch
 from sllm.io.hostmem import HostBuffer
-from sllm.io.reader import DEFAULT_READ_THREADS, ParallelRead, chunk_ranges, resident_fraction
+from sllm.io.reader import DEFAULT_READ_THREADS, ParallelRead, chunk_ranges
 
 
 @dataclass
@@ -154,15 +154,9 @@ class StreamedLoad:
         there (as :func:`sllm.core.partitions.fill_partition` does): no read, no copy."""
         info = self.ckpt.manifest.partitions[part]
         path = self.ckpt.partition_path(part)
-        if self.verify or self.direct_io is True or not page_cache_enabled() or info.nbytes == 0:
+        if self.verify or self.direct_io is True or not page_cache_enabled() or info.nbytes == 0 or not cached(path):
             return None
-        resident = resident_fraction(path)
-        if resident is None or resident < RESIDENT_FRACTION:
-            return None
-        try:
-            return self.pool.adopt(HostBuffer.map_file(path, info.nbytes))
-        except OSError as exc:
-            raise CheckpointError(f"{path}: cannot map ({exc.strerror})") from exc
+        return map_cached(self.pool, path, info.nbytes)
 
     def _checker(self, part: int) -> Callable[[int, int, int, memoryview], None]:
         info = self.ckpt.manifest.partitions[part]
