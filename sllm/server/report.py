@@ -202,7 +202,7 @@ def _sizes(m: ModelManager, ids: list[str]) -> tuple[dict[str, int], dict[str, i
             facts = m.catalogue.facts(e.path)
             nbytes, tensors = facts.nbytes, facts.tensors
         elif m.tiers is not None:
-            nbytes, tensors = m.tiers.nbytes_of(mid), m.tiers.tensors_of(mid)
+            nbytes, tensors = m.tiers.facts_of(mid)
         if e is not None and e.resident is not None:
             nbytes = e.resident.nbytes
         if nbytes:

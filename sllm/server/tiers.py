@@ -121,14 +121,17 @@ class NodeTiers:
                 return open_checkpoint(self.cache.ssd.path_of(model)).manifest.total_bytes
         return None
 
-    def tensors_of(self, model: str) -> int | None:
-        """The tensor index's entries of a model cached on SSD; None when it is not there."""
+    def facts_of(self, model: str) -> tuple[int | None, int | None]:
+        """(weights' bytes, tensor count) of a model cached in DRAM or on SSD, each None when
+        unknown: :meth:`nbytes_of`, with the count from the SSD entry's index when it has one
+        (its checkpoint opened once)."""
         from sllm.core.format import open_checkpoint
 
         if self.cache.ssd.has(model):
             with contextlib.suppress(SllmError, OSError):
-                return len(open_checkpoint(self.cache.ssd.path_of(model)).tensors)
-        return None
+                ckpt = open_checkpoint(self.cache.ssd.path_of(model))
+                return ckpt.manifest.total_bytes, len(ckpt.tensors)
+        return self.nbytes_of(model), None
 
     def created_of(self, model: str) -> float | None:
         """When ``model``'s SSD entry was written (its manifest's mtime, Unix seconds); None
