@@ -23,6 +23,12 @@ token, from plain data (the :class:`~sllm.core.inventory.Inventory` and each nod
   load until then);
 - otherwise the node cannot start it now ("unavailable", ranked last, with the reason).
 
+Freeing room and the transfer overlap as ``sllm serve`` orders them: a model of the node's
+tier cache is fetched into DRAM first (its queue and transfer) and room is made after, so an
+"unload", "migrate" or "wait" option costs ``max(freeing, queue + transfer) + fixed``; a
+model of a ``--models`` directory reserves its room before it is read, so there the costs
+add up, ``freeing + queue + transfer + fixed``.
+
 With ``prompt_tokens`` the estimated prefill ``a * tokens + b`` (the node's fit) is added.
 Nodes that are down are listed apart. Ties break deterministically: seconds, then the
 action (resident, loading, load, unload, migrate), then the tier (fastest first), then the
@@ -99,7 +105,9 @@ class Option:
         seconds: estimated time to first token (``math.inf`` when unavailable).
         load: the load estimate and its breakdown (None when resident or unavailable).
         unload: idle models unloaded first. migrate: busy models migrated away first.
-        freeing_seconds: the unloads' and migrations' time, before the load.
+        freeing_seconds: the unloads' and migrations' (or the wait's) time: during the
+            fetch of a tier-cache model, before the load of a ``--models`` one (module
+            docstring).
         prefill_seconds: the request's prefill estimate (0 without ``prompt_tokens``).
         reasons: human-readable lines saying why.
     """
@@ -300,10 +308,11 @@ def node_option(
         unloads.append(Unload(r.model, r.nbytes, r.idle_seconds))
         free += r.nbytes
     freeing = unload_seconds * len(unloads)
+    overlaps = _fetched_first(model, state)
     if unloads:
         reasons.append(f"unload idle {', '.join(u.model for u in unloads)} to make room")
     if free >= nbytes:
-        return Option(spec.name, "unload", tier, freeing + load.total_seconds + prefill, load, tuple(unloads),
+        return Option(spec.name, "unload", tier, _freed_then_loaded(freeing, load, overlaps) + prefill, load, tuple(unloads),
                       freeing_seconds=freeing, prefill_seconds=prefill, reasons=tuple(reasons))
     moves, taken = [], 0
     if migration:
@@ -315,13 +324,30 @@ def node_option(
                 f"no room: models in use hold {state.resident_bytes} bytes of {budget}"
             return Option(spec.name, "unavailable", tier, math.inf, load, tuple(unloads), reasons=(*reasons, why))
         freeing += wait
-        reasons.append(f"no room: models in use or loading should free it in {wait:.3f} s")
-        return Option(spec.name, "wait", tier, freeing + load.total_seconds + prefill, load, tuple(unloads),
+        reasons.append(f"no room: models in use or loading should free it in {wait:.3f} s"
+                       + (", while the node fetches it" if overlaps else ""))
+        return Option(spec.name, "wait", tier, _freed_then_loaded(freeing, load, overlaps) + prefill, load, tuple(unloads),
                       freeing_seconds=freeing, prefill_seconds=prefill, reasons=tuple(reasons))
     freeing += sum(m.seconds for m in moves)
     reasons.append("migrate " + ", ".join(f"{m.model} ({len(m.requests)} request(s)) to {m.destination}" for m in moves))
-    return Option(spec.name, "migrate", tier, freeing + load.total_seconds + prefill, load, tuple(unloads),
+    return Option(spec.name, "migrate", tier, _freed_then_loaded(freeing, load, overlaps) + prefill, load, tuple(unloads),
                   tuple(moves), freeing, prefill, tuple(reasons))
+
+
+def _fetched_first(model: str, state: NodeState) -> bool:
+    """True when ``state``'s node brings ``model`` to DRAM before it makes room for it (a
+    model of its tier cache, or one only the remote holds); False for a model only a
+    ``--models`` directory holds, whose room is reserved before it is read."""
+    tiers = state.tiers.get(model, ())
+    return "local" not in tiers or "dram" in tiers or "ssd" in tiers
+
+
+def _freed_then_loaded(freeing: float, load: LoadEstimate, overlaps: bool) -> float:
+    """Seconds until the model is ready when making room takes ``freeing`` seconds: during
+    the queue and transfer when ``overlaps`` (the node fetches first), else before them."""
+    if overlaps:
+        return max(freeing, load.queue_seconds + load.transfer_seconds) + load.fixed_seconds
+    return freeing + load.total_seconds
 
 
 def _loading_seconds(spec: NodeSpec, state: NodeState, index: int, inventory: Inventory) -> float:
