@@ -268,7 +268,7 @@ def pct(xs: list[float], p: float) -> float:
 def policy_table(rates: list[float], duration: float, seed: int, inventory: Path = BENCH / "gpu_cluster.toml",
                  replicas: int = 1) -> list[dict]:
     from sllm.core.inventory import TomlInventory
-    from sllm.core.simulate import POLICIES, SimConfig, simulate
+    from sllm.core.simulate import POLICIES, SimConfig, estimate_errors, simulate
     from sllm.core.workload import assign_models, parse_models, read_azure_trace
 
     inv = TomlInventory(inventory).load()
@@ -280,7 +280,9 @@ def policy_table(rates: list[float], duration: float, seed: int, inventory: Path
         for res in simulate(inv, sizes, reqs, POLICIES, SimConfig(seed=seed, replicas=replicas)):
             rows.append({"rps": rps, "requests": len(reqs), "policy": res.policy, "mean": res.ttft_mean_seconds,
                          "p50": res.ttft_p50_seconds, "p99": res.ttft_p99_seconds, "warm": res.warm_fraction,
-                         "queued": res.queued_requests, "migrations": res.migrations, "loads": res.loads})
+                         "queued": res.queued_requests, "migrations": res.migrations, "loads": res.loads,
+                         "estimate_errors": {a: {"requests": n, "median_signed": round(sg, 4), "median_abs": round(ab, 4)}
+                                             for a, (n, sg, ab) in estimate_errors(res.records).items()}})
     budgets = sorted({s.memory_budget_bytes or 0 for s in inv.nodes.values()})
     print(f"simulated policies, {TRACE.name}, {duration:g} s at each rate, {len(inv.nodes)} nodes "
           f"({'/'.join(f'{b / 1e9:g}' for b in budgets)} GB of weights each), 64 x 13.4 GB models, Zipf(1) popularity, "
@@ -292,6 +294,12 @@ def policy_table(rates: list[float], duration: float, seed: int, inventory: Path
         for r in (r for r in rows if r["rps"] == rps):
             print(f"{rps:>5g} {r['policy']:<18}{r['mean']:>9.2f}{r['p50']:>9.2f}{r['p99']:>9.2f}{r['warm']:>7.0%}"
                   f"{r['queued']:>8}{r['migrations']:>6}  {r['p99'] / sl['p99']:>10.2f}x")
+    print("the sllm policy's estimated time to first token against the simulated one, per action "
+          "(requests: median signed error, median absolute error)")
+    for rps in rates:
+        sl = next(r for r in rows if r["rps"] == rps and r["policy"] == "sllm")
+        print(f"{rps:>5g} " + ", ".join(f"{a} {e['requests']}: {e['median_signed']:+.1%} / {e['median_abs']:.1%}"
+                                       for a, e in sl["estimate_errors"].items()))
     return rows
 
 

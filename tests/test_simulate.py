@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from sllm.cli import app
 from sllm.core.inventory import Inventory, PrefillFit
-from sllm.core.simulate import POLICIES, SimConfig, Simulation, percentile, simulate
+from sllm.core.simulate import POLICIES, SimConfig, Simulation, estimate_errors, percentile, simulate
 from sllm.core.workload import Request, assign_models, gamma_arrivals, parse_models, parse_trace_spec, read_azure_trace
 from sllm.errors import UsageError
 
@@ -172,6 +172,11 @@ def test_a_request_while_every_node_is_full_of_loads_in_progress_waits_where_its
     # simulated: m's SSD read waits for y's (until 0.525 s), ends at 1.05 s; y is idle by then (0.625 + 0.11 +
     # 0.1): m takes its room, pays the fixed cost (0.1 s) and prefills (0.11 s); it arrived at 0.1 s
     assert r3.ttft_seconds == pytest.approx(1.05 + 0.1 + 0.11 - 0.1)
+    # the record keeps the option beside what happened: the estimate is 0.1 s (8.6 %) high, y's fixed cost
+    # counted in m's queue though y leaves the disk before it
+    assert (r3.action, r3.estimate_seconds) == ("wait", pytest.approx(option.seconds))
+    n, signed, absolute = estimate_errors(res.records)["wait"]
+    assert n == 1 and signed == pytest.approx((1.26 - 1.16) / 1.16) and absolute == pytest.approx(signed)
 
 
 def test_policies_are_deterministic_and_sllm_beats_random():

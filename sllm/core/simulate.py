@@ -28,13 +28,15 @@ buffered read measures it, i.e. the page cache's (the node's DRAM figure), migra
 a = 0.01 s/token and b = 0.1 s never fitted; its free-GPU accounting bug is not modelled),
 ``availability`` (the model's resident node if any, else a random node with room, loading from
 wherever the model is: Shepherd*-like) and ``random``. Not modelled: remote bandwidth shared
-between concurrent pulls, network hops, engine batching limits.
+between concurrent pulls, network hops, engine batching limits, a live node's limit on a
+load's wait for room (``budget_wait_seconds``: simulated loads wait as long as it takes).
 """
 
 from __future__ import annotations
 
 import math
 import random
+import statistics
 from collections import Counter, OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -101,6 +103,11 @@ class RequestRecord:
         startup_seconds: until its model was ready on its node (0 warm).
         queued_seconds: of that, waiting for the loader or for room.
         tier: where the load it waited for read from ("device" when warm).
+        action: the scheduler's option for it (policies ``sllm``, ``sllm-no-migration``,
+            ``serverlessllm``; None for the others): "resident", "load", "wait", ...
+        estimate_seconds: that option's estimated time to first token, with the hops the
+            simulator adds (``forward_seconds``, ``request_seconds``), to set beside
+            ``ttft_seconds`` (None without an option).
     """
 
     id: int
@@ -111,6 +118,8 @@ class RequestRecord:
     startup_seconds: float
     queued_seconds: float
     tier: str
+    action: str | None = None
+    estimate_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -343,10 +352,14 @@ class Simulation:
         env = self.env
         node_name, option = self.choose(r)
         node = self.nodes[node_name]
+        hops = 0.0
         if r.door and r.door != node_name and self.config.forward_seconds:
+            hops += self.config.forward_seconds
             yield env.timeout(self.config.forward_seconds)  # the front door's hop
         if self.config.request_seconds:
+            hops += self.config.request_seconds
             yield env.timeout(self.config.request_seconds)  # the request's own way to the engine and back
+        action, estimate = (None, None) if option is None else (option.action, option.seconds + hops)
         for mv in (option.migrate if option is not None else ()):
             env.process(self._migrate(node, mv))
         node.pending[r.model] += 1
@@ -354,7 +367,8 @@ class Simulation:
         try:
             while r.model not in node.instances:
                 if node.spec.memory_budget_bytes is not None and self.models[r.model] > node.budget:
-                    self.records.append(RequestRecord(r.id, r.model, node_name, r.arrival_seconds, None, 0.0, 0.0, "-"))
+                    self.records.append(RequestRecord(r.id, r.model, node_name, r.arrival_seconds, None, 0.0, 0.0, "-",
+                                                      action, estimate))
                     return
                 ev = node.loading.get(r.model) or env.process(self._load(node, r.model))
                 job = yield ev
@@ -369,7 +383,8 @@ class Simulation:
         startup = ready - r.arrival_seconds
         queued = 0.0 if job is None else max(0.0, startup - job.work_seconds)
         tier = "device" if job is None else job.tier
-        self.records.append(RequestRecord(r.id, r.model, node_name, r.arrival_seconds, ttft, startup, queued, tier))
+        self.records.append(RequestRecord(r.id, r.model, node_name, r.arrival_seconds, ttft, startup, queued, tier,
+                                          action, estimate))
         act.decode_start = env.now
         yield env.timeout(r.generated_tokens * act.node.decode)
         act.inst.active.pop(r.id, None)
@@ -506,6 +521,19 @@ def _anchor_inventory(inv: Inventory) -> Inventory:
         tiers["dram"] = TierSpec("dram", ANCHOR_PCIE_GBPS, dram.capacity_bytes if dram else None)
         nodes[name] = replace(spec, tiers=tiers, device_kind="cuda")
     return replace(inv, nodes=nodes)
+
+
+def estimate_errors(records: Sequence[RequestRecord]) -> dict[str, tuple[int, float, float]]:
+    """How far the scheduler's estimates were from what the simulation then did, per action:
+    action -> (requests, median signed error, median absolute error), the error of a request
+    being ``(estimate - ttft) / ttft`` over the served requests that had an option and a
+    first token after more than 0 s."""
+    by: dict[str, list[float]] = {}
+    for rec in records:
+        if rec.action is None or rec.estimate_seconds is None or not rec.ttft_seconds:
+            continue
+        by.setdefault(rec.action, []).append((rec.estimate_seconds - rec.ttft_seconds) / rec.ttft_seconds)
+    return {a: (len(e), statistics.median(e), statistics.median(abs(x) for x in e)) for a, e in sorted(by.items())}
 
 
 def summarize(policy: str, records: Sequence[RequestRecord], loads: Mapping[str, int], migrations: int) -> PolicyResult:
