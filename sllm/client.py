@@ -234,3 +234,15 @@ class HttpMigrator:
         with NodeClient(source.url, api_key=source.admin_key()) as c:  # /v1/migrations takes the admin key
             c.migrate(model, destination.url, destination_api_key=destination.admin_key(),
                       request_ids=list(request_ids) or None)
+
+
+def remote_card(node: Any, model: str, timeout: float) -> dict[str, Any]:
+    """``model``'s card from ``node`` (an inventory ``NodeSpec``: its ``url`` and
+    ``api_key()``), ``GET /v1/models/MODEL``: for a model only its remote holds, ``nbytes``
+    from the remote's manifest and ``tensors`` from its tensor index (None when unreadable),
+    as the scheduler sizes a remote-only model. Waits ``timeout`` seconds beyond the node's
+    own bounded question to its remote. Raises: ServerError (unreachable, unknown model)."""
+    from sllm.server.models import REMOTE_LOOKUP_SECONDS
+
+    with NodeClient(node.url, api_key=node.api_key(), timeout=timeout + REMOTE_LOOKUP_SECONDS) as c:
+        return c.model(model)

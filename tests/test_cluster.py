@@ -22,6 +22,7 @@ from test_remote import free_port
 from sllm.core.cache import CacheConfig, TierCache
 from sllm.core.format import open_checkpoint
 from sllm.server.frontdoor import ESTIMATE_HEADER, FORWARDED_HEADER, SERVED_BY_HEADER
+from sllm.server.models import BUDGET_WAIT_SECONDS
 
 START_SECONDS = 120  # hang guards, not performance bounds
 REQUEST_SECONDS = 120
@@ -134,6 +135,7 @@ def test_status_reports_what_the_scheduler_needs(cluster):
     assert m["tiers"] == ["dram", "ssd"] and st["model_bytes"]["gpt2-a"] > 0
     assert st["model_tensors"]["gpt2-a"] == len(open_checkpoint(cluster.remote / "gpt2-a").tensors)
     assert st["loader_queue"] == [] and st["resident"] == []
+    assert st["budget_wait_seconds"] == BUDGET_WAIT_SECONDS  # the scheduler plans no longer wait for room
     assert st["prefill_fit"]["gpt2-a"]["recorded"] == 1 and st["prefill_fit"]["gpt2-a"]["samples"] == 0  # default yet
     assert st["engine"]["mean_generated_tokens"] > 0
 
@@ -185,6 +187,7 @@ def test_apply_loads_the_model_on_the_best_node(cluster, models_dir):
     nbytes = sum(f.stat().st_size for f in (models_dir / "gpt2-b").glob("partition-*.bin"))
     card = httpx.get(cluster.url("c") + "/v1/models/gpt2-b", timeout=30).json()
     assert card["nbytes"] == nbytes and card["tiers"] == ["remote"]
+    assert card["tensors"] == len(open_checkpoint(models_dir / "gpt2-b").tensors)  # from the remote's index
     doc = plan_json(cluster, "gpt2-b")
     assert doc["nbytes"] == nbytes and {o["tier"] for o in doc["options"]} == {"remote"}
     r = subprocess.run([sys.executable, "-m", "sllm", "schedule-plan", "gpt2-b", "--inventory", str(cluster.inventory),

@@ -26,6 +26,7 @@ gbps = 0.4
 
 [models."org/big"]
 nbytes = 5000000000
+tensors = 291
 
 [nodes.b]
 url = "http://127.0.0.1:9002/"
@@ -76,6 +77,7 @@ def test_parse_sample(tmp_path):
     assert b.admin_key({"KEY_B": "s3cret", "ADMIN_B": "root"}) == "root"
     assert inv.nodes["a"].admin_key({}) is None and replace(b, admin_key_env=None).admin_key({"KEY_B": "k"}) == "k"
     assert inv.nodes["a"].device_kind == "cpu" and inv.model_bytes == {"org/big": 5_000_000_000}
+    assert inv.model_tensors == {"org/big": 291}
     assert parse_inventory(inventory_document(inv), where=str(tmp_path / "cluster.toml")) == inv  # round trip
 
 
@@ -91,6 +93,7 @@ def test_parse_sample(tmp_path):
     ('[nodes.a]\nurl = "http://x"\n[nodes.a.tiers.ssd]\ngbps = 1\nload_fixed_seconds = -1',
      "tiers.ssd.load_fixed_seconds = -1"),
     ('[models.m]\nnbytes = "big"', "models.m: nbytes = 'big'"),
+    ('[models.m]\nnbytes = 9\ntensors = 0', "models.m: tensors = 0"),
     ('[nodes.a]\nurl = "http://x"\n[nodes.a.loader]\nseconds_per_tensor = 1e-5', "loader.probe_tensors = None"),
     ('[nodes.a]\nurl = "http://x"\n[nodes.a.loader]\nseconds_per_tensor = 1e-5\nprobe_tensors = 0',
      "loader.probe_tensors = 0"),
@@ -132,7 +135,7 @@ def test_add_profile_merges_a_written_node_profile(tmp_path):
 
 
 STATUS = {
-    "max_memory_bytes": 1000, "resident_bytes": 300,
+    "max_memory_bytes": 1000, "resident_bytes": 300, "budget_wait_seconds": 120.0,
     "resident": [{"model": "x", "nbytes": 300, "pinned": False, "idle_seconds": 0.0,
                   "requests": [{"id": "r1", "prompt_tokens": 10, "completion_tokens": 4}]}],
     "models": [{"model": "x", "tiers": ["device", "dram", "ssd"]}, {"model": "y", "tiers": ["local"]}],
@@ -149,6 +152,7 @@ def test_parse_status():
     assert st.resident[0].requests[0].tokens == 14 and st.tiers == {"x": ("dram", "ssd"), "y": ("local",)}
     assert st.model_bytes == {"x": 300} and st.loader[0].running and st.loader[0].tier == "remote"
     assert st.prefill["x"].samples == 7 and st.has_remote and st.model_tensors == {"x": 29}
+    assert st.budget_wait_seconds == 120.0 and parse_status("a", {}).budget_wait_seconds is None
     assert not parse_status("a", {"resident": [{"nbytes": 1}]}).up  # malformed: down, not a crash
     assert not parse_status("a", {}).has_remote
 

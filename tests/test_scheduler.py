@@ -9,7 +9,15 @@ import random
 import pytest
 from test_estimator import GB, gpu_node, load_path_node
 
-from sllm.core.inventory import Inventory, LoaderJob, NodeState, PrefillFit, ResidentModel, RunningRequest
+from sllm.core.inventory import (
+    Inventory,
+    LoaderJob,
+    NodeState,
+    PrefillFit,
+    ResidentModel,
+    RunningRequest,
+    TierSpec,
+)
 from sllm.core.scheduler import get_migrator, plan, summarize
 from sllm.errors import SchedulingError
 
@@ -164,6 +172,24 @@ def test_busy_node_waits_for_room_when_it_reports_decode_rate_and_completion_len
     assert {o.node: o.action for o in plan("m", inv, full_b).options} == {"a": "wait", "b": "unavailable"}
 
 
+def test_a_wait_longer_than_the_node_gives_a_load_to_find_room_is_unavailable():
+    # as above: x frees a's 2 GB after 0.8 s; m's DRAM transfer (0.1 s) comes first, so the node's load waits
+    # 0.7 s for room once m is fetched. A node that gives a load 0.5 s (its /status) would fail it
+    inv = cluster("a")
+    busy = ResidentModel("x", 2 * GB, requests=(RunningRequest("r1", 100, 20),))
+
+    def option(limit, tiers=("dram",)):
+        st = state("a", tiers={"m": tiers}, resident=[busy], budget=2 * GB, decode_seconds_per_token=0.01,
+                   mean_generated_tokens=100, budget_wait_seconds=limit)
+        return plan("m", inv, {"a": st}).options[0]
+
+    assert option(None).action == "wait" and option(0.75).action == "wait"
+    short = option(0.5)
+    assert short.action == "unavailable" and "gives a load 0.5 s to find room" in short.reasons[-1]
+    # a --models directory model waits for room before it is read: the whole 0.8 s
+    assert option(0.75, ("local",)).action == "unavailable" and option(0.85, ("local",)).action == "wait"
+
+
 def test_a_pinned_model_never_frees_room_but_a_held_one_does_when_its_requests_end():
     # a's 2 GB budget: x (1 GB, busy: 0.8 s to go) and p (1 GB). m needs 2 GB from DRAM (0.2 s)
     inv = cluster("a")
@@ -246,7 +272,7 @@ def test_unknown_size_and_oversized_models():
 
 
 def test_a_remote_only_models_size_is_asked_of_the_nodes_that_can_pull_it():
-    from sllm.core.scheduler import with_remote_size
+    from sllm.core.scheduler import with_remote_facts
 
     inv = cluster("a", "b", "c", "d")
     asked: list[str] = []
@@ -255,18 +281,46 @@ def test_a_remote_only_models_size_is_asked_of_the_nodes_that_can_pull_it():
         asked.append(spec.name)
         if spec.name == "b":
             raise RuntimeError("no answer")  # skipped like a down node
-        return 2 * GB
+        return {"id": "q", "nbytes": 2 * GB, "tensors": None}
 
     states = {"a": state("a", has_remote=False), "b": state("b"), "c": state("c"), "d": state("d"),
               "e": NodeState("e", up=False, error="down")}
-    sized = with_remote_size("q", inv, states, ask)
+    sized = with_remote_facts("q", inv, states, ask)
     assert asked == ["b", "c"] and sized.model_bytes["q"] == 2 * GB and "q" not in inv.model_bytes
+    assert sized.model_tensors == {}  # the remote's index was unreadable: the probe's count stands in
     assert plan("q", sized, states).nbytes == 2 * GB
     asked.clear()
-    assert with_remote_size("m", inv, states, ask) is inv and asked == []  # known: nobody is asked
-    nobody = with_remote_size("q", inv, states, lambda spec: None)
+    assert with_remote_facts("m", inv, states, ask) is inv and asked == []  # known: nobody is asked
+    nobody = with_remote_facts("q", inv, states, lambda spec: None)
     with pytest.raises(SchedulingError, match="size of 'q' is unknown"):
         plan("q", nobody, states)
+    garbled = with_remote_facts("q", inv, states, lambda spec: {"nbytes": "lots"})  # nonsense: skipped
+    assert "q" not in garbled.model_bytes
+
+
+def test_a_remote_only_models_tensor_count_from_the_remotes_index_corrects_its_fixed_cost():
+    """No node has the index of q: the count comes from the remote's (through a node's model
+    card), or from the inventory's [models] table, and corrects every node's fixed cost."""
+    from dataclasses import replace
+
+    from sllm.core.scheduler import with_remote_facts
+
+    base = load_path_node()
+    tiers = {**base.tiers, "remote": TierSpec("remote", 0.5, load_fixed_seconds=0.2, load_gbps=0.5)}
+    spec = replace(base, tiers=tiers, load_seconds_per_tensor=1e-5, load_probe_tensors=100)
+    inv = Inventory({"a": replace(spec, name="a")})
+    states = {"a": state("a")}
+    counted = with_remote_facts("q", inv, states, lambda s: {"nbytes": GB, "tensors": 400})
+    assert counted.model_tensors == {"q": 400}
+    [remote] = plan("q", counted, states).options
+    assert remote.tier == "remote" and remote.load.fixed_seconds == pytest.approx(0.2 + 1e-5 * 300)
+    [probe] = plan("q", replace(counted, model_tensors={}), states).options
+    assert probe.load.fixed_seconds == pytest.approx(0.2)
+    # a node that has the index wins over the inventory's count
+    states_b = {**states, "b": state("b", tiers={"q": ("ssd",)}, model_tensors={"q": 200})}
+    inv_b = replace(counted, nodes={**counted.nodes, "b": replace(spec, name="b")})
+    a = next(o for o in plan("q", inv_b, states_b).options if o.node == "a")
+    assert a.load.fixed_seconds == pytest.approx(0.2 + 1e-5 * 100)
 
 
 def test_a_nodes_tensor_count_corrects_the_fixed_cost_of_every_nodes_load():

@@ -44,16 +44,6 @@ def live_states(inv: Any, timeout: float) -> dict[str, Any]:
     return gather_states(inv.nodes.values(), fetch_status, timeout=timeout)
 
 
-def remote_size(spec: Any, model: str, timeout: float) -> int | None:
-    """``model``'s bytes as ``spec``'s node reads them from its remote's manifest
-    (``GET /v1/models/MODEL``); None when it does not know. Raises: ServerError."""
-    from sllm.client import NodeClient
-    from sllm.server.models import REMOTE_LOOKUP_SECONDS
-
-    with NodeClient(spec.url, api_key=spec.api_key(), timeout=timeout + REMOTE_LOOKUP_SECONDS) as c:
-        return c.model(model).get("nbytes")
-
-
 @app.command("add")
 @handle_errors
 def add(

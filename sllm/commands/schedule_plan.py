@@ -20,7 +20,7 @@ import typer
 
 from sllm.commands._options import JsonOpt
 from sllm.commands._output import emit_json, handle_errors, table
-from sllm.commands.inventory import InventoryOpt, TimeoutOpt, live_states, remote_size
+from sllm.commands.inventory import InventoryOpt, TimeoutOpt, live_states
 from sllm.errors import EXIT_FAILED, UsageError
 
 
@@ -101,10 +101,11 @@ def schedule_plan(
         return
     if model is None:
         raise UsageError("give MODEL (or --simulate TRACE)", hint="sllm schedule-plan MODEL --inventory cluster.toml")
-    from sllm.core.scheduler import plan, summarize, with_remote_size
+    from sllm.client import remote_card
+    from sllm.core.scheduler import plan, summarize, with_remote_facts
 
     states = live_states(inv, timeout)
-    inv = with_remote_size(model, inv, states, lambda spec: remote_size(spec, model, timeout))
+    inv = with_remote_facts(model, inv, states, lambda spec: remote_card(spec, model, timeout))
     p = plan(model, inv, states, prompt_tokens=prompt_tokens, migration=migration)
     if apply:
         from sllm.client import HttpMigrator

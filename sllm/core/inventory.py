@@ -23,6 +23,7 @@ The TOML format (``man sllm-schedule-plan``)::
     [models."opt-1.3b"]           # sizes of models no node reports (optional; without one, a
                                   # node that can pull the model reads it from the remote's manifest)
     nbytes = 2630000000
+    tensors = 389                 # its tensor index's entries (optional; else as the remote's index says)
 
     [nodes.a]                     # one node; the keys of a node profile's [node] table
     url = "http://10.0.0.1:8343"
@@ -193,6 +194,8 @@ class Inventory:
         remote_url: the shared store (directory, http(s)://, s3://); None: none.
         remote_gbps: default remote pull bandwidth, GB/s, for nodes that measured none.
         model_bytes: model name -> checkpoint bytes, for models no node reports.
+        model_tensors: model name -> its checkpoint's tensor count, for models no node reports
+            (the per-tensor part of a load's fixed cost).
         source: where it was read from (for messages).
     """
 
@@ -201,6 +204,7 @@ class Inventory:
     remote_gbps: float | None = None
     model_bytes: Mapping[str, int] = field(default_factory=dict)
     source: str = "<memory>"
+    model_tensors: Mapping[str, int] = field(default_factory=dict)
 
 
 class InventorySource(Protocol):
@@ -316,14 +320,16 @@ def parse_inventory(doc: Mapping[str, Any], *, where: str = "<inventory>") -> In
     if url is not None and not (isinstance(url, str) and url):
         raise InventoryError(f"{where}: remote.url = {url!r}: must be a directory or URL")
     gbps = remote.get("gbps")
-    models = {}
+    models, tensors = {}, {}
     for name, entry in _table(where, "models", doc.get("models", {})).items():
         entry = _table(where, f"models.{name}", entry)
         models[name] = _num(f"{where}: models.{name}", "nbytes", entry.get("nbytes"), kind=int, positive=True)
+        if entry.get("tensors") is not None:
+            tensors[name] = _num(f"{where}: models.{name}", "tensors", entry["tensors"], kind=int, positive=True)
     nodes = {name: parse_node(name, _table(where, f"nodes.{name}", entry), where=where)
              for name, entry in sorted(_table(where, "nodes", doc.get("nodes", {})).items())}
     return Inventory(nodes, url, None if gbps is None else _num(where, "remote.gbps", gbps, positive=True),
-                     models, where)
+                     models, where, tensors)
 
 
 def node_entry(spec: NodeSpec) -> dict[str, Any]:
@@ -370,7 +376,8 @@ def inventory_document(inv: Inventory) -> dict[str, Any]:
     if remote:
         doc["remote"] = remote
     if inv.model_bytes:
-        doc["models"] = {m: {"nbytes": n} for m, n in sorted(inv.model_bytes.items())}
+        doc["models"] = {m: {"nbytes": n, **({"tensors": inv.model_tensors[m]} if m in inv.model_tensors else {})}
+                         for m, n in sorted(inv.model_bytes.items())}
     doc["nodes"] = {name: node_entry(spec) for name, spec in sorted(inv.nodes.items())}
     return doc
 

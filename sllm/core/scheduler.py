@@ -20,7 +20,8 @@ token, from plain data (the :class:`~sllm.core.inventory.Inventory` and each nod
   finished (its queue estimate), taken room and served the requests waiting for it
   (prefill and ``mean_generated`` tokens of decode); the wait is until enough bytes are
   free after the loads in progress have taken theirs ("wait"; the node itself queues the
-  load until then);
+  load until then, up to the ``budget_wait_seconds`` its ``/status`` reports: a longer wait
+  is "unavailable");
 - otherwise the node cannot start it now ("unavailable", ranked last, with the reason).
 
 Freeing room and the transfer overlap as ``sllm serve`` orders them: a model of the node's
@@ -44,7 +45,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 from sllm.core.estimator import (
     EstimateError,
@@ -199,14 +200,15 @@ def model_size(model: str, inventory: Inventory, states: Mapping[str, NodeState]
                           hint=f'add [models."{model}"] nbytes = BYTES to the inventory')
 
 
-def with_remote_size(model: str, inventory: Inventory, states: Mapping[str, NodeState],
-                     ask: Callable[[NodeSpec], int | None]) -> Inventory:
-    """``inventory`` knowing ``model``'s size when neither a node nor the inventory does (a
-    model only the remote holds): ``ask(node)`` returns the size as a node that can pull it
-    reads it from the remote's manifest (``GET /v1/models/MODEL``); the up nodes with a
-    remote are asked in name order until one answers (one that raises is skipped).
-    Unchanged when the size is known already or nobody answers (then :func:`model_size`
-    raises as before). Pure but for ``ask``."""
+def with_remote_facts(model: str, inventory: Inventory, states: Mapping[str, NodeState],
+                      ask: Callable[[NodeSpec], Mapping[str, Any] | None]) -> Inventory:
+    """``inventory`` knowing ``model``'s size (and tensor count) when neither a node nor the
+    inventory does (a model only the remote holds): ``ask(node)`` returns the model's card
+    as a node that can pull it reads it from the remote (``GET /v1/models/MODEL``:
+    ``nbytes`` from the manifest, ``tensors`` from the tensor index, or None); the up nodes
+    with a remote are asked in name order until one gives the size (one that raises is
+    skipped). Unchanged when the size is known already or nobody answers (then
+    :func:`model_size` raises as before). Pure but for ``ask``."""
     try:
         model_size(model, inventory, states)
         return inventory
@@ -217,11 +219,13 @@ def with_remote_size(model: str, inventory: Inventory, states: Mapping[str, Node
         if not (st.up and st.has_remote) or name not in inventory.nodes:
             continue
         try:
-            nbytes = ask(inventory.nodes[name])
-        except Exception:  # noqa: BLE001 - a node that cannot answer is skipped, as a down node
+            card = ask(inventory.nodes[name]) or {}
+            nbytes, tensors = int(card.get("nbytes") or 0), int(card.get("tensors") or 0)
+        except Exception:  # noqa: BLE001 - a node that cannot answer (or answers nonsense) is skipped, as a down node
             continue
-        if nbytes:
-            return replace(inventory, model_bytes={**inventory.model_bytes, model: int(nbytes)})
+        if nbytes > 0:
+            counts = {**inventory.model_tensors, model: tensors} if tensors > 0 else inventory.model_tensors
+            return replace(inventory, model_bytes={**inventory.model_bytes, model: nbytes}, model_tensors=counts)
     return inventory
 
 
@@ -238,10 +242,13 @@ def source_tier(model: str, state: NodeState) -> str | None:
     return "remote" if state.has_remote else None
 
 
-def _tensors(model: str, states: Mapping[str, NodeState]) -> int | None:
+def _tensors(model: str, states: Mapping[str, NodeState], inventory: Inventory) -> int | None:
     """The tensor count of ``model``'s checkpoint from any node that has its index (the same
-    checkpoint everywhere), else None (the estimate then uses the profile's probe count)."""
-    return next((st.model_tensors[model] for st in states.values() if st.up and st.model_tensors.get(model)), None)
+    checkpoint everywhere), else the inventory's (``[models]``, or the remote's index as
+    :func:`with_remote_facts` read it), else None (the estimate then uses the profile's probe
+    count)."""
+    counted = (st.model_tensors[model] for st in states.values() if st.up and st.model_tensors.get(model))
+    return next(counted, inventory.model_tensors.get(model))
 
 
 def _budget(spec: NodeSpec, state: NodeState) -> int | None:
@@ -290,7 +297,7 @@ def node_option(
                       reasons=(f"needs {nbytes} bytes; the node's budget is {budget} bytes",))
     try:
         load = estimate_load(spec, model, tier, nbytes, queue=state.loader, remote_gbps=inventory.remote_gbps,
-                             tensors=_tensors(model, states))
+                             tensors=_tensors(model, states, inventory))
     except EstimateError as exc:
         return Option(spec.name, "unavailable", tier, math.inf, reasons=(str(exc),))
     reasons = [f"load from {tier}: {load.transfer_seconds:.3f} s transfer + {load.queue_seconds:.3f} s queue + "
@@ -323,6 +330,11 @@ def node_option(
             why = "no room, and the models in use cannot all migrate elsewhere" if migration else \
                 f"no room: models in use hold {state.resident_bytes} bytes of {budget}"
             return Option(spec.name, "unavailable", tier, math.inf, load, tuple(unloads), reasons=(*reasons, why))
+        limit = state.budget_wait_seconds  # the node fails a load whose room takes longer, once it is fetched
+        waited = wait - (load.queue_seconds + load.transfer_seconds if overlaps else 0.0)
+        if limit is not None and waited > limit:
+            return Option(spec.name, "unavailable", tier, math.inf, load, tuple(unloads), reasons=(
+                *reasons, f"no room for {wait:.1f} s: the node gives a load {limit:g} s to find room"))
         freeing += wait
         reasons.append(f"no room: models in use or loading should free it in {wait:.3f} s"
                        + (", while the node fetches it" if overlaps else ""))

@@ -33,8 +33,9 @@ from typing import Any
 
 import httpx
 
+from sllm.client import remote_card
 from sllm.core.inventory import Inventory, NodeSpec, gather_states, parse_status
-from sllm.core.scheduler import Migrator, Plan, plan, with_remote_size
+from sllm.core.scheduler import Migrator, Plan, plan, with_remote_facts
 from sllm.errors import MigrationError, SchedulingError, ServerError
 
 log = logging.getLogger("sllm.server")
@@ -71,14 +72,6 @@ def _fetch_status(spec: NodeSpec, timeout: float) -> dict[str, Any]:
 
     with NodeClient(spec.url, api_key=spec.api_key(), timeout=timeout) as c:
         return c.status()
-
-
-def _remote_size(spec: NodeSpec, model: str) -> int | None:
-    from sllm.client import NodeClient
-    from sllm.server.models import REMOTE_LOOKUP_SECONDS
-
-    with NodeClient(spec.url, api_key=spec.api_key(), timeout=REMOTE_LOOKUP_SECONDS + 5.0) as c:
-        return c.model(model).get("nbytes")
 
 
 class FrontDoor:
@@ -124,8 +117,8 @@ class FrontDoor:
         states = await asyncio.to_thread(gather_states, others, _fetch_status, timeout=self.status_timeout)
         states[self.name] = here
         migrator = self.migrator
-        inventory = await asyncio.to_thread(with_remote_size, model, self.inventory, states,
-                                            lambda spec: _remote_size(spec, model))  # a remote-only model
+        inventory = await asyncio.to_thread(with_remote_facts, model, self.inventory, states,
+                                            lambda spec: remote_card(spec, model, 5.0))  # a remote-only model
         try:
             p = plan(model, inventory, states, prompt_tokens=prompt_tokens, migration=migrator is not None)
         except SchedulingError as exc:

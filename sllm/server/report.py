@@ -55,9 +55,9 @@ async def catalog(m: ModelManager) -> list[dict[str, Any]]:
 
 async def model(m: ModelManager, model_id: str) -> dict[str, Any] | None:
     """``GET /v1/models/ID``'s dict (as :func:`catalog`'s), or None for an unknown model. A
-    model that only the remote holds gets its ``nbytes`` from the remote's manifest (one
-    bounded read), so a scheduler can size a remote-only model through the node that would
-    pull it.
+    model that only the remote holds gets its ``nbytes`` from the remote's manifest and its
+    ``tensors`` from the remote's tensor index (bounded reads), so a scheduler can size a
+    remote-only model, and the per-tensor part of its load, through the node that would pull it.
 
     Raises:
         ModelLoadFailed: the remote could not say in time whether it holds the model.
@@ -72,17 +72,17 @@ async def model(m: ModelManager, model_id: str) -> dict[str, Any] | None:
         return card
     try:
         await m.lookup(model_id)  # a name nothing holds is a 404 after one bounded question to the remote
-        nbytes = await asyncio.wait_for(m.in_meta(m.tiers.remote_nbytes, model_id), REMOTE_LOOKUP_SECONDS)
+        facts = await asyncio.wait_for(m.in_meta(m.tiers.remote_facts, model_id), REMOTE_LOOKUP_SECONDS)
     except ModelNotFound:
         return None
     except (TimeoutError, SllmError) as exc:
         why = "timed out" if isinstance(exc, TimeoutError) else str(exc)
         raise ModelLoadFailed(f"model {model_id!r}: reading its manifest on the remote failed: {why}",
                               phase="pull") from exc
-    if nbytes is None:
+    if facts is None:
         return card
     return {**(card or dict(id=model_id, created=time.time(), resident=False, error=None, source="cache",
-                            tiers=["remote"])), "nbytes": nbytes}
+                            tiers=["remote"])), "nbytes": facts[0], "tensors": facts[1]}
 
 
 def device_rows(m: ModelManager) -> list[dict[str, Any]]:
@@ -122,8 +122,12 @@ async def status(m: ModelManager) -> dict[str, Any]:
     the generations in flight with their token counts); ``loading``: loads in progress
     and the resource each waits for (``waiting_for``: "link", "disk", "memory" or None);
     ``cache``: the tier cache's directory, remote (credentials and query removed) and
-    per-tier occupancy (None without a cache). The tier cache is read in a metadata thread.
+    per-tier occupancy (None without a cache); ``budget_wait_seconds``: how long a load waits
+    for room in ``max_memory_bytes`` before it fails (the scheduler plans no longer wait).
+    The tier cache is read in a metadata thread.
     """
+    from sllm.server.models import BUDGET_WAIT_SECONDS
+
     cache = None
     if m.tiers is not None:
         tiers = m.tiers
@@ -172,6 +176,7 @@ async def status(m: ModelManager) -> dict[str, Any]:
         "draining": m.closing.is_set(),
         "keep_alive_seconds": m.config.keep_alive_seconds,
         "max_memory_bytes": m.config.max_memory_bytes,
+        "budget_wait_seconds": BUDGET_WAIT_SECONDS,
         "resident_bytes": m.resident_bytes(),
         "reserved_bytes": m.reserved,
         "pool_free_bytes": pool.free_bytes,

@@ -148,27 +148,35 @@ class NodeTiers:
         (the SSD tier's state)."""
         return self.cache.locate(model, check_remote=False).fastest
 
-    def remote_nbytes(self, model: str) -> int | None:
-        """The weights' bytes of ``model`` on the remote, from its manifest (``sllm.json``'s
-        ``total_bytes``; one small read); None when the remote does not hold it. Blocking.
+    def remote_facts(self, model: str) -> tuple[int, int | None] | None:
+        """(weights' bytes, tensor count) of ``model`` on the remote: the bytes from its
+        manifest (``sllm.json``'s ``total_bytes``), the count from its tensor index (None
+        when the index cannot be read or does not validate against the manifest); two small
+        reads. None when the remote does not hold the model. Blocking.
 
         Raises:
             RemoteError: the remote cannot be reached. ManifestError: a bad manifest.
         """
         from sllm.core.cache.base import MAX_METADATA_BYTES
         from sllm.core.cache.pipeline import json_object
-        from sllm.core.format import MANIFEST_FILE, parse_manifest
+        from sllm.core.format import INDEX_FILE, MANIFEST_FILE, parse_index, parse_manifest
         from sllm.errors import RemoteError
 
         remote = self.cache.remote()
-        path = f"{model}/{MANIFEST_FILE}"
+        path, index_path = f"{model}/{MANIFEST_FILE}", f"{model}/{INDEX_FILE}"
         try:
             data = remote.read_bytes(path, max_bytes=MAX_METADATA_BYTES)
         except RemoteError as exc:
             if getattr(exc, "not_found", False):
                 return None
             raise
-        return parse_manifest(json_object(data, remote.url_of(path)), remote.url_of(path)).total_bytes
+        manifest = parse_manifest(json_object(data, remote.url_of(path)), remote.url_of(path))
+        try:  # the count only refines an estimate: a pull reports a bad index, not this
+            index = json_object(remote.read_bytes(index_path, max_bytes=MAX_METADATA_BYTES), remote.url_of(index_path))
+            tensors: int | None = len(parse_index(index, manifest, remote.url_of(index_path)))
+        except SllmError:
+            tensors = None
+        return manifest.total_bytes, tensors
 
     def remote_has(self, model: str) -> bool:
         """True when the remote holds ``model`` (one request for its manifest). Blocking.
