@@ -77,6 +77,8 @@ def test_json_has_every_method_with_consistent_figures(tiny_hf_gpt2, tmp_path, i
              if temp == "cold" and r["level"] == "state-dict" and r["loader"] in bench.PEERS]  # fmt: skip
     assert math.isclose(targets["state_dict_cold_ahead_of_peers"]["value"], min(peers) / sllm_sd["cold"])
     assert targets["reload_after_del_pool_hit"]["value"] == 1.0
+    floor = max(rows[("raw:bytes", "cold")]["seconds_median"], rows[("touch:bytes", "cold")]["seconds_median"])
+    assert math.isclose(targets["state_dict_cold_vs_fresh_floor"]["value"], sllm_sd["cold"] / floor)
     fp = {t: rows[("from-pretrained:model", t)]["seconds_median"] for t in ("cold", "warm")}
     assert math.isclose(targets["cold_speedup_vs_from_pretrained"]["value"], fp["cold"] / sllm["cold"])
     assert math.isclose(targets["warm_speedup_vs_from_pretrained"]["value"], fp["warm"] / sllm["warm"])
@@ -121,6 +123,27 @@ def test_worker_subprocess_prints_one_json_document(tiny_sllm_gpt2):
     prepared = bench.prepare(config)
     doc = bench.run_worker_process(bench.orchestrate._worker_spec(bench.METHODS[0], prepared, config))
     assert doc["cold"]["seconds"] > 0 and doc["warm"]["seconds"] > 0
+
+
+def test_touch_worker_times_the_first_touch_of_as_much_fresh_memory(tiny_sllm_gpt2, monkeypatch):
+    import sllm.io.hostmem as hostmem
+    from sllm.core.format import open_checkpoint
+
+    made = []
+
+    class Recorded(hostmem.HostBuffer):
+        def __init__(self, nbytes: int, **kw) -> None:
+            super().__init__(nbytes, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(hostmem, "HostBuffer", Recorded)
+    config = bench.BenchConfig(tiny_sllm_gpt2, methods=tuple(bench.select_methods(["touch"])))
+    prepared = bench.prepare(config)
+    [touch] = [m for m in bench.METHODS if m.loader == "touch"]
+    doc = bench.worker_main(bench.orchestrate._worker_spec(touch, prepared, config))
+    parts = open_checkpoint(tiny_sllm_gpt2).manifest.partitions
+    assert doc["warm"] is None and doc["cold"]["seconds"] > 0
+    assert [b.nbytes for b in made] == [hostmem.round_up(p.nbytes) for p in parts] and all(b.faulted for b in made)
 
 
 def test_command_module_imports_no_torch():

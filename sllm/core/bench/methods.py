@@ -62,6 +62,9 @@ METHODS: tuple[Method, ...] = (
     Method("raw", "bytes", "sllm", COLD_WARM,
            "floor: cold = O_DIRECT read of the partition files into touched memory; warm = buffered read, "
            "page cache hot"),
+    Method("touch", "bytes", "sllm", ("cold",),
+           "first touch of fresh memory: the partitions' bytes of new memory faulted in by a fresh process, no "
+           "I/O (what a fresh process pays beyond the raw read; on a VM, memory the guest gave back is slow)"),
     Method("sllm", "model", "sllm", COLD_WARM,
            "sllm.load_model, first load of a fresh process (nothing reserved); warm = reload after `del model`"),
     Method("sllm", "state-dict", "sllm", COLD_WARM,

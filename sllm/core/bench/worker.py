@@ -95,6 +95,8 @@ def worker_main(spec: dict[str, Any]) -> dict[str, Any]:
     loader, level = spec["loader"], spec["level"]
     if loader == "raw":
         return _raw_worker(spec)
+    if loader == "touch":
+        return _touch_worker(spec)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -180,6 +182,23 @@ def _raw_worker(spec: dict[str, Any]) -> dict[str, Any]:
         out["warm"] = {"seconds": warm, "resident_before": None, "direct_io": warm_direct, "via": "buffered",
                        "extra": {}}  # fmt: skip
     return out
+
+
+def _touch_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Cold: new host buffers of the partitions' sizes, every page faulted in (as
+    :class:`~sllm.io.hostmem.HostBuffer` populates them: huge pages where enabled), no
+    reads. A fresh process's first touch of that much memory, which the raw read (into
+    touched memory) does not pay and a loader in a fresh process does."""
+    from sllm.core.format import open_checkpoint
+    from sllm.io.hostmem import HostBuffer
+
+    sizes = [p.nbytes for p in open_checkpoint(spec["sllm_dir"]).manifest.partitions]
+    started = time.perf_counter()
+    buffers = [HostBuffer(n) for n in sizes]
+    seconds = time.perf_counter() - started
+    del buffers
+    return {"cold": {"seconds": seconds, "resident_before": None, "direct_io": None, "via": "", "extra": {}},
+            "warm": None}
 
 
 def main(argv: list[str]) -> int:
