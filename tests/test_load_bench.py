@@ -134,7 +134,12 @@ def test_touch_worker_times_the_first_touch_of_as_much_fresh_memory(tiny_sllm_gp
     class Recorded(hostmem.HostBuffer):
         def __init__(self, nbytes: int, **kw) -> None:
             super().__init__(nbytes, **kw)
+            self.touched: list[tuple[int, int]] = []
             made.append(self)
+
+        def prefault(self, start: int, end: int) -> None:
+            super().prefault(start, end)
+            self.touched.append((start, min(end, self.nbytes)))
 
     monkeypatch.setattr(hostmem, "HostBuffer", Recorded)
     config = bench.BenchConfig(tiny_sllm_gpt2, methods=tuple(bench.select_methods(["touch"])))
@@ -143,7 +148,11 @@ def test_touch_worker_times_the_first_touch_of_as_much_fresh_memory(tiny_sllm_gp
     doc = bench.worker_main(bench.orchestrate._worker_spec(touch, prepared, config))
     parts = open_checkpoint(tiny_sllm_gpt2).manifest.partitions
     assert doc["warm"] is None and doc["cold"]["seconds"] > 0
-    assert [b.nbytes for b in made] == [hostmem.round_up(p.nbytes) for p in parts] and all(b.faulted for b in made)
+    assert [b.nbytes for b in made] == [hostmem.round_up(p.nbytes) for p in parts]
+    for b in made:  # every byte of every buffer faulted in, once
+        spans = sorted(b.touched)
+        assert spans[0][0] == 0 and spans[-1][1] == b.nbytes
+        assert all(a[1] == c[0] for a, c in zip(spans, spans[1:], strict=False))
 
 
 def test_command_module_imports_no_torch():

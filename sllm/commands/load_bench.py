@@ -209,9 +209,10 @@ def load_bench(
     safetensors only, a pytorch_model.bin copy is written there for the torch.load rows.
     Prints median/min/max seconds, GB/s, the time relative to sllm, and whether the
     loader's targets are met (cold state dict and model within 1.15x of the raw read, and
-    of the slower of the raw read and the first touch, the state dict ahead of every peer, page-cache loads no slower than safetensors warm, the
-    reload after del a pool hit, 2.5x/5x faster than from_pretrained cold/warm). Progress
-    goes to stderr; exits 1 when a method failed.
+    of the slower of the raw read and the first touch; the state dict ahead of every peer,
+    page-cache loads no slower than safetensors warm, the reload after del a pool hit,
+    2.5x/5x faster than from_pretrained cold/warm). Progress goes to stderr; exits 1 when
+    a method failed.
 
     With --tiers it profiles the node instead: cold SSD bandwidth (O_DIRECT, best thread
     count), DRAM-to-device bandwidth, the remote's (with --remote), the loader's fixed cost

@@ -185,16 +185,24 @@ def _raw_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _touch_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """Cold: new host buffers of the partitions' sizes, every page faulted in (as
-    :class:`~sllm.io.hostmem.HostBuffer` populates them: huge pages where enabled), no
-    reads. A fresh process's first touch of that much memory, which the raw read (into
-    touched memory) does not pay and a loader in a fresh process does."""
+    """Cold: new host buffers of the partitions' sizes (huge pages where enabled), every
+    page faulted in by as many threads as the loader prefaults with, each faulting its own
+    chunks of the manifest's chunk size, as the loader's do; no reads. A fresh process's
+    first touch of that much memory, which the raw read (into touched memory) does not pay
+    and a loader in a fresh process does."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from sllm.core.format import open_checkpoint
     from sllm.io.hostmem import HostBuffer
+    from sllm.io.reader import DEFAULT_PREFAULT_THREADS
 
-    sizes = [p.nbytes for p in open_checkpoint(spec["sllm_dir"]).manifest.partitions]
+    manifest = open_checkpoint(spec["sllm_dir"]).manifest
+    step = manifest.chunk_bytes
     started = time.perf_counter()
-    buffers = [HostBuffer(n) for n in sizes]
+    buffers = [HostBuffer(p.nbytes, populate=False) for p in manifest.partitions]
+    with ThreadPoolExecutor(DEFAULT_PREFAULT_THREADS) as pool:
+        list(pool.map(lambda job: job[0].prefault(job[1], job[1] + step),
+                      [(b, start) for b in buffers for start in range(0, b.nbytes, step)]))
     seconds = time.perf_counter() - started
     del buffers
     return {"cold": {"seconds": seconds, "resident_before": None, "direct_io": None, "via": "", "extra": {}},
