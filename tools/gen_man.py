@@ -157,7 +157,9 @@ SECTIONS: dict[str, list[tuple[str, Any]]] = {
 GLOBAL_ENV: list[tuple[str, str]] = [
     ("SLLM_DEBUG", "Set to 1 to show the Python traceback of an error instead of the one-line message."),
     ("SLLM_HUGEPAGES",
-     "Set to 0 to stop advising transparent huge pages (MADV_HUGEPAGE) for the loader's host buffers (default: advised)."),
+     "Transparent huge pages (MADV_HUGEPAGE) for the loader's host buffers: auto (default) for buffers populated when "
+     "allocated (a reserved pool), not for those a load faults in as it reads (a fresh process: on VMs that take "
+     "freed memory back, the first touch of huge pages is several times slower); 1 for every buffer; 0 for none."),
     ("SLLM_VLLM_LAYOUT_DIR",
      "Where --load-format sllm (and sllm serve --backend vllm) keeps vLLM layouts: a model's parameters as vLLM "
      "holds them, written by its first load and aliased by later ones (default ~/.cache/sllm/vllm-layouts, or "

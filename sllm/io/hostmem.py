@@ -30,6 +30,25 @@ MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 BUFFER_ROUNDING = 2 * 1024 * 1024
 
 
+def huge_pages(populate: bool) -> bool:
+    """Whether a new buffer is advised transparent huge pages (``MADV_HUGEPAGE``), by
+    ``SLLM_HUGEPAGES``: "auto" (default) for a buffer populated when it is allocated (a
+    pool's reservation, a timing baseline: its faults are off a load's path, and 2 MiB
+    pages need far fewer DMA segments per O_DIRECT read) but not for one whose pages a load
+    faults in as it goes (a fresh process's first load), "1" for every buffer, "0" for none.
+
+    Why not huge pages for fresh buffers: on a 2-core Firecracker VM with free page
+    reporting, faulting in 2.6 GB of memory that had been free for a few seconds took
+    3.5-4.4 s with huge pages and 0.7-1.0 s with 4 KiB pages (two threads), while O_DIRECT
+    reads into 4 KiB pages ran 1.5x slower (1.69 s against 1.12 s): a fresh process's load
+    went from 3.2-4.6 s to 2.0-2.2 s (``sllm load-bench``, ``benchmarks/first_touch.py``).
+    """
+    mode = os.environ.get("SLLM_HUGEPAGES", "auto").strip().lower()
+    if mode == "0" or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return False
+    return mode == "1" or populate
+
+
 def round_up(nbytes: int, multiple: int = BUFFER_ROUNDING) -> int:
     """``nbytes`` rounded up to a multiple of ``multiple`` (at least one multiple)."""
     return max(multiple, -(-nbytes // multiple) * multiple)
@@ -63,7 +82,8 @@ class HostBuffer:
     O_DIRECT reads, in threads of their own (see :class:`sllm.io.reader.ParallelRead`), so
     the faults are taken off the reads' path. On a 2-core VM a fresh process's first touch
     of 2.6 GB varied from 0.2 s to 5 s (the hypervisor backs memory the guest gave back),
-    against about 1.0 s for the read itself.
+    against about 1.0 s for the read itself; such fresh buffers get 4 KiB pages, populated
+    ones huge pages (:func:`huge_pages`).
 
     Attributes:
         nbytes: capacity in bytes (a multiple of :data:`BUFFER_ROUNDING`).
@@ -79,7 +99,7 @@ class HostBuffer:
     def __init__(self, nbytes: int, *, pinned: bool = False, populate: bool = True) -> None:
         self.nbytes = round_up(nbytes)
         flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20)
-        huge = os.environ.get("SLLM_HUGEPAGES", "1") != "0" and hasattr(mmap, "MADV_HUGEPAGE")
+        huge = huge_pages(populate)
         if populate and not huge:
             flags |= getattr(mmap, "MAP_POPULATE", 0)
         try:
@@ -88,9 +108,7 @@ class HostBuffer:
             raise SllmError(f"cannot allocate {self.nbytes} bytes of host memory ({exc.strerror})") from exc
         self.tensor = torch.frombuffer(self._map, dtype=torch.uint8)
         if huge:
-            # Advise before the first touch, so faults map 2 MiB pages: physically contiguous
-            # memory needs far fewer DMA segments per O_DIRECT read (buffers of fragmented
-            # 4 KiB pages made cold reads of OPT-1.3B up to 2x slower on a 2-core VM).
+            # Advise before the first touch, so faults map 2 MiB pages (huge_pages: when)
             self._map.madvise(mmap.MADV_HUGEPAGE)
             if populate:
                 try:  # the kernel faults every page in, in one pass (Linux >= 5.14)
