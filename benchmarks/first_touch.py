@@ -9,9 +9,10 @@ Firecracker or QEMU with free page reporting), the host takes freed memory back 
 two seconds after the guest frees it, and the next first touch of it must be backed by
 the host again, which can be ten times slower. ``sllm load-bench``'s "touch" row measures
 a fresh process's first touch; this program shows where it comes from: it populates
-``--gigabytes`` of new anonymous memory (huge pages where enabled, ``MADV_POPULATE_WRITE``
-as :class:`sllm.io.hostmem.HostBuffer` does), frees it, waits each of ``--gaps`` seconds,
-and populates as much again.
+``--gigabytes`` of new anonymous memory (huge pages, ``MADV_POPULATE_WRITE`` as
+:class:`sllm.io.hostmem.HostBuffer` populates a pool's buffers), frees it, waits each of
+``--gaps`` seconds, and populates as much again; then, settled again, as much in 4 KiB pages
+(as a load's fresh buffers get them, ``SLLM_HUGEPAGES=auto``).
 
 Usage::
 
@@ -27,14 +28,24 @@ import time
 from pathlib import Path
 
 
-def populate_seconds(nbytes: int) -> float:
-    """Seconds to allocate ``nbytes`` of new host memory with every page faulted in; the
-    memory is freed before returning."""
+def populate_seconds(nbytes: int, *, huge: bool = True) -> float:
+    """Seconds to allocate ``nbytes`` of new host memory with every page faulted in, in 2
+    MiB (``huge``) or 4 KiB pages; the memory is freed before returning."""
+    import os
+
     from sllm.io.hostmem import HostBuffer
 
-    started = time.perf_counter()
-    buf = HostBuffer(nbytes)
-    seconds = time.perf_counter() - started
+    was = os.environ.get("SLLM_HUGEPAGES")
+    os.environ["SLLM_HUGEPAGES"] = "1" if huge else "0"
+    try:
+        started = time.perf_counter()
+        buf = HostBuffer(nbytes)
+        seconds = time.perf_counter() - started
+    finally:
+        if was is None:
+            del os.environ["SLLM_HUGEPAGES"]
+        else:
+            os.environ["SLLM_HUGEPAGES"] = was
     del buf
     return seconds
 
@@ -62,13 +73,18 @@ def main() -> int:
         first = populate_seconds(nbytes)  # memory freed at least --settle seconds ago, if any
         time.sleep(gap)
         second = populate_seconds(nbytes)  # the memory the first one freed, ``gap`` seconds later
-        rows.append({"gap_seconds": gap, "first_seconds": first, "second_seconds": second,
-                     "first_gbps": nbytes / first / 1e9, "second_gbps": nbytes / second / 1e9})
+        time.sleep(args.settle)
+        small = populate_seconds(nbytes, huge=False)  # settled again, 4 KiB pages
+        rows.append({"gap_seconds": gap, "first_seconds": first, "second_seconds": second, "small_pages_seconds": small,
+                     "first_gbps": nbytes / first / 1e9, "second_gbps": nbytes / second / 1e9,
+                     "small_pages_gbps": nbytes / small / 1e9})
     print(f"first touch of {args.gigabytes:g} GB of fresh memory; kernel: {page_reporting() or 'no page_reporting'}")
-    print(f"{'gap s':>6}  {'after settling s':>16} {'GB/s':>6}  {'re-touch after gap s':>20} {'GB/s':>6}")
+    print(f"{'gap s':>6}  {'settled, huge pages s':>21} {'GB/s':>6}  {'re-touch after gap s':>20} {'GB/s':>6}  "
+          f"{'settled, 4 KiB pages s':>22} {'GB/s':>6}")
     for r in rows:
-        print(f"{r['gap_seconds']:>6g}  {r['first_seconds']:>16.3f} {r['first_gbps']:>6.2f}  "
-              f"{r['second_seconds']:>20.3f} {r['second_gbps']:>6.2f}")
+        print(f"{r['gap_seconds']:>6g}  {r['first_seconds']:>21.3f} {r['first_gbps']:>6.2f}  "
+              f"{r['second_seconds']:>20.3f} {r['second_gbps']:>6.2f}  {r['small_pages_seconds']:>22.3f} "
+              f"{r['small_pages_gbps']:>6.2f}")
     print(json.dumps({"benchmark": "first_touch", "nbytes": nbytes, "page_reporting": page_reporting(),
                       "rows": rows}))
     return 0
