@@ -195,10 +195,10 @@ def load_bench(
 
     Methods: raw (an O_DIRECT read of the same bytes into touched memory: the floor),
     touch (a fresh process faulting in as much new memory, no I/O: what a fresh process
-    pays beyond the raw read), sllm (load_model and load_state_dict as the first load of a fresh process, nothing
-    reserved; warm = the reload after `del`), sllm-reserved (host memory pool reserved at
-    start, as a server with a budget), sllm-page-cache (a fresh process whose files are in
-    the page cache), safetensors (load_file), runai (Run:ai Model Streamer),
+    pays beyond the raw read), sllm (load_model and load_state_dict as the first load of a
+    fresh process, nothing reserved; warm = the reload after `del`), sllm-reserved (host
+    memory pool reserved at start, as a server with a budget), sllm-page-cache (a fresh
+    process whose files are in the page cache), safetensors (load_file), runai (Run:ai Model Streamer),
     fastsafetensors, tensorizer, torch-load and torch-load-mmap (weights_only=True),
     from-pretrained. Each runs in a fresh process per run, with the architecture's module
     imported beforehand (untimed): cold after evicting the model's files from the page

@@ -38,10 +38,12 @@ def huge_pages(populate: bool) -> bool:
     faults in as it goes (a fresh process's first load), "1" for every buffer, "0" for none.
 
     Why not huge pages for fresh buffers: on a 2-core Firecracker VM with free page
-    reporting, faulting in 2.6 GB of memory that had been free for a few seconds took
-    3.5-4.4 s with huge pages and 0.7-1.0 s with 4 KiB pages (two threads), while O_DIRECT
-    reads into 4 KiB pages ran 1.5x slower (1.69 s against 1.12 s): a fresh process's load
-    went from 3.2-4.6 s to 2.0-2.2 s (``sllm load-bench``, ``benchmarks/first_touch.py``).
+    reporting (the host takes back memory the guest has freed for about 2 s), faulting in
+    2.6 GB of such memory took 3.5-4.4 s in huge pages and 0.7-1.0 s in 4 KiB pages (two
+    threads), while O_DIRECT reads into 4 KiB pages ran 1.5x slower (1.69 s against 1.12 s).
+    A fresh process's cold load of OPT-1.3B fp16 went from 4.7-5.8 s to 1.7-2.0 s (model)
+    and from 3.0-3.9 s to 1.9-2.4 s (state dict), five interleaved pairs (``sllm
+    load-bench``; ``benchmarks/first_touch.py`` shows the host's part).
     """
     mode = os.environ.get("SLLM_HUGEPAGES", "auto").strip().lower()
     if mode == "0" or not hasattr(mmap, "MADV_HUGEPAGE"):

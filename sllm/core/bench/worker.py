@@ -185,8 +185,9 @@ def _raw_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _touch_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """Cold: new host buffers of the partitions' sizes (huge pages where enabled), every
-    page faulted in by as many threads as the loader prefaults with, each faulting its own
+    """Cold: new host buffers of the partitions' sizes, in the pages a load's fresh buffers
+    get (:func:`sllm.io.hostmem.huge_pages`), every page faulted in by as many threads as
+    the loader prefaults with, each faulting its own
     chunks of the manifest's chunk size, as the loader's do; no reads. A fresh process's
     first touch of that much memory, which the raw read (into touched memory) does not pay
     and a loader in a fresh process does."""
