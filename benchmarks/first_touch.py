@@ -32,20 +32,14 @@ def populate_seconds(nbytes: int, *, huge: bool = True) -> float:
     """Seconds to allocate ``nbytes`` of new host memory with every page faulted in, in 2
     MiB (``huge``) or 4 KiB pages; the memory is freed before returning."""
     import os
+    from unittest import mock
 
     from sllm.io.hostmem import HostBuffer
 
-    was = os.environ.get("SLLM_HUGEPAGES")
-    os.environ["SLLM_HUGEPAGES"] = "1" if huge else "0"
-    try:
+    with mock.patch.dict(os.environ, {"SLLM_HUGEPAGES": "1" if huge else "0"}):  # HostBuffer reads it
         started = time.perf_counter()
         buf = HostBuffer(nbytes)
         seconds = time.perf_counter() - started
-    finally:
-        if was is None:
-            del os.environ["SLLM_HUGEPAGES"]
-        else:
-            os.environ["SLLM_HUGEPAGES"] = was
     del buf
     return seconds
 

@@ -157,23 +157,18 @@ class NodeTiers:
         Raises:
             RemoteError: the remote cannot be reached. ManifestError: a bad manifest.
         """
-        from sllm.core.cache.base import MAX_METADATA_BYTES
-        from sllm.core.cache.pipeline import json_object
-        from sllm.core.format import INDEX_FILE, MANIFEST_FILE, parse_index, parse_manifest
+        from sllm.core.cache.pipeline import read_index, read_manifest
         from sllm.errors import RemoteError
 
         remote = self.cache.remote()
-        path, index_path = f"{model}/{MANIFEST_FILE}", f"{model}/{INDEX_FILE}"
         try:
-            data = remote.read_bytes(path, max_bytes=MAX_METADATA_BYTES)
+            manifest, _ = read_manifest(remote, model)
         except RemoteError as exc:
             if getattr(exc, "not_found", False):
                 return None
             raise
-        manifest = parse_manifest(json_object(data, remote.url_of(path)), remote.url_of(path))
         try:  # the count only refines an estimate: a pull reports a bad index, not this
-            index = json_object(remote.read_bytes(index_path, max_bytes=MAX_METADATA_BYTES), remote.url_of(index_path))
-            tensors: int | None = len(parse_index(index, manifest, remote.url_of(index_path)))
+            tensors: int | None = len(read_index(remote, model, manifest)[0])
         except SllmError:
             tensors = None
         return manifest.total_bytes, tensors

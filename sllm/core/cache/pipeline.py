@@ -64,6 +64,28 @@ def json_object(data: bytes, where: str) -> dict[str, Any]:
     return doc
 
 
+def read_manifest(remote: Remote, model: str) -> tuple[Manifest, bytes]:
+    """``model``'s manifest on ``remote``, parsed, and its bytes.
+
+    Raises:
+        RemoteError: missing (``not_found``) or unreachable. ManifestError: bad metadata (names the URL).
+    """
+    path = f"{model}/{MANIFEST_FILE}"
+    data = remote.read_bytes(path, max_bytes=MAX_METADATA_BYTES)
+    return parse_manifest(json_object(data, remote.url_of(path)), remote.url_of(path)), data
+
+
+def read_index(remote: Remote, model: str, manifest: Manifest) -> tuple[dict[str, TensorEntry], bytes]:
+    """``model``'s tensor index on ``remote``, checked against ``manifest``, and its bytes.
+
+    Raises:
+        RemoteError: missing or unreachable. CheckpointError subclasses: a bad index (names the URL).
+    """
+    path = f"{model}/{INDEX_FILE}"
+    data = remote.read_bytes(path, max_bytes=MAX_METADATA_BYTES)
+    return parse_index(json_object(data, remote.url_of(path)), manifest, remote.url_of(path)), data
+
+
 def fetch_metadata(remote: Remote, model: str) -> RemoteModel:
     """Read ``model``'s manifest and index from ``remote``, and check every file's size.
 
@@ -71,11 +93,8 @@ def fetch_metadata(remote: Remote, model: str) -> RemoteModel:
         RemoteError: a file is missing, unreachable, or of another size than recorded.
         ManifestError and other CheckpointError subclasses: bad metadata (names the URL).
     """
-    manifest_path, index_path = f"{model}/{MANIFEST_FILE}", f"{model}/{INDEX_FILE}"
-    manifest_bytes = remote.read_bytes(manifest_path, max_bytes=MAX_METADATA_BYTES)
-    manifest = parse_manifest(json_object(manifest_bytes, remote.url_of(manifest_path)), remote.url_of(manifest_path))
-    index_bytes = remote.read_bytes(index_path, max_bytes=MAX_METADATA_BYTES)
-    tensors = parse_index(json_object(index_bytes, remote.url_of(index_path)), manifest, remote.url_of(index_path))
+    manifest, manifest_bytes = read_manifest(remote, model)
+    tensors, index_bytes = read_index(remote, model, manifest)
     for p in manifest.partitions:
         size = remote.size(f"{model}/{p.file}")
         if size != p.nbytes:
