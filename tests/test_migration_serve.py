@@ -190,7 +190,10 @@ def test_streams_that_move_are_token_identical_to_unmigrated_runs(pair):
         assert r.status_code in (200, 404), rec  # 404: every request had finished already
         if r.status_code == 200:
             assert rec["outcome"] == "done" and rec["rounds"][-1]["final"]
-            assert 1 <= len(rec["rounds"]) <= 5 and rec["bytes_sent"] < rec["kv_bytes_replaced"]
+            assert 1 <= len(rec["rounds"]) <= 5
+            # tokens, not the KV cache: fewer bytes sent than the KV it replaced, when any request was handed
+            # over (0: each one ended with its last token during the rounds, as happened once in CI)
+            assert rec["kv_bytes_replaced"] == 0 or rec["bytes_sent"] < rec["kv_bytes_replaced"]
         for st, ref in zip(streams, refs):
             assert st.result() == (ref, "length")
         assert_nothing_left(src)
