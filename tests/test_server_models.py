@@ -4,6 +4,7 @@ clock, the memory budget, in-flight requests in the status, and the text stream.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 
 import pytest
@@ -229,3 +230,60 @@ print("ok")
 """
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr
+
+
+def test_a_reload_reuses_the_tokenizer_unless_its_files_changed(models_dir, tmp_path):
+    """Scale to zero keeps the tokenizer: the reload gets the same object (no second parse);
+    a model whose tokenizer files changed between loads gets a freshly loaded one."""
+    import shutil
+
+    local = tmp_path / "models"
+    shutil.copytree(models_dir / "gpt2-a", local / "gpt2-a")
+
+    async def scenario():
+        clock = FakeClock()
+        m = _manager(local, clock, keep_alive_seconds=10)
+        lease = await m.acquire("gpt2-a")
+        first = lease.resident.tokenizer
+        m.release(lease)
+        clock.t += 10
+        assert await m.reap() == ["gpt2-a"]
+        lease = await m.acquire("gpt2-a")
+        assert lease.resident.tokenizer is first and (m.tokenizers.hits, m.tokenizers.misses) == (1, 1)
+        m.release(lease)
+        clock.t += 10
+        assert await m.reap() == ["gpt2-a"]
+        assert first.pad_token is None
+        cfg = local / "gpt2-a" / "tokenizer_config.json"
+        cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "pad_token": "<|endoftext|>"}))
+        lease = await m.acquire("gpt2-a")
+        assert lease.resident.tokenizer is not first and m.tokenizers.misses == 2
+        assert lease.resident.tokenizer.pad_token == "<|endoftext|>"
+        m.release(lease)
+        await m.close()
+
+    asyncio.run(scenario())
+
+
+def test_tokenizer_cache_keys_on_side_files_not_weights_and_keeps_the_most_recent(models_dir, tmp_path):
+    import shutil
+
+    from sllm.server.loading import TokenizerCache, side_files_digest
+
+    a = models_dir / "gpt2-a"
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(a, copy)
+    assert side_files_digest(copy) == side_files_digest(a)  # a DRAM hit's side files land in a new directory
+    next(copy.glob("partition-*.bin")).write_bytes(b"\0" * 4096)  # weights are not a tokenizer's input
+    (copy / "tensor_index.json").write_text("{}")
+    assert side_files_digest(copy) == side_files_digest(a)
+    (copy / "special_tokens_map.json").write_text('{"pad_token": "<|endoftext|>"}')
+    assert side_files_digest(copy) != side_files_digest(a)
+
+    cache = TokenizerCache(capacity=1)
+    t_a = cache.get("a", a)
+    assert cache.get("a", a) is t_a and cache.hits == 1
+    cache.get("b", a)  # capacity 1: "a" is dropped
+    assert cache.get("a", a) is not t_a and cache.misses == 3
+    none = TokenizerCache(capacity=0)
+    assert none.get("a", a) is not none.get("a", a)

@@ -15,9 +15,8 @@ Loads queue per resource, not behind one node-wide lock: a pull from the remote 
 (the loader's reader threads), and room in the memory budget is reserved before a load
 (so two loads never both count the same free bytes). A cold start that needs neither
 waits for neither: a local model loads while another model downloads, and a DRAM-tier hit
-reads nothing. ``queue_seconds`` reports what a load waited. The weights come through
-:func:`sllm.core.loader.load_model` and the tokenizer beside them, in the manager's load
-threads.
+reads nothing. ``queue_seconds`` reports what a load waited. The weights (the loader) and the
+tokenizer (kept across unloads) load side by side in the manager's load threads.
 
 Idle models (no lease) unload after ``keep_alive_seconds`` (scale to zero), and before a
 load the least recently used idle models unload until the new one fits the memory budget;
@@ -48,7 +47,7 @@ from sllm.errors import CacheError, SllmError
 from sllm.io.remote import redact_url
 from sllm.server import report
 from sllm.server.catalog import Catalog, Snapshot, check_model_name
-from sllm.server.loading import load_blocking
+from sllm.server.loading import TokenizerCache, load_blocking
 from sllm.server.state import (  # noqa: F401 - re-exported: the lifecycle's public records and errors
     ColdStart,
     Entry,
@@ -116,6 +115,7 @@ class ModelManager:
             loader, release = backend.load, backend.release
         self._loader = loader or _default_loader
         self._release = release or _default_release
+        self.tokenizers = TokenizerCache()  # kept across unloads (loading.py)
         self.entries: dict[str, Entry] = {}
         self.snapshot = Snapshot()
         # the resources a cold start may need, each its own queue (module docstring)
@@ -429,8 +429,8 @@ class ModelManager:
 
     def _load_blocking(self, entry: Entry, fetched: Fetched | None = None) -> tuple[Any, Any, Any]:
         """Worker thread: :func:`sllm.server.loading.load_blocking` with this node's loader."""
-        out = load_blocking(entry, fetched, config=self.config, pool=self.pool, tiers=self.tiers,
-                            loader=self._loader, release=self._release, make_engine=self._engine)
+        out = load_blocking(entry, fetched, config=self.config, pool=self.pool, tiers=self.tiers, loader=self._loader,
+                            release=self._release, make_engine=self._engine, tokenizers=self.tokenizers)
         freeze_heap(collect=False)
         return out
 
