@@ -14,9 +14,19 @@ a fresh process's first touch; this program shows where it comes from: it popula
 ``--gaps`` seconds, and populates as much again; then, settled again, as much in 4 KiB pages
 (as a load's fresh buffers get them, ``SLLM_HUGEPAGES=auto``).
 
+With ``--read FILE`` it also asks whether the first touch can hide behind a read, as the
+loader's prefault threads try (:class:`sllm.io.reader.ParallelRead`): it times, each after
+``--settle`` seconds, an O_DIRECT read of FILE (page cache evicted, the loader's default
+threads) into memory touched beforehand (the raw read of ``load-bench``), the first touch of
+as many bytes of settled memory in 4 KiB pages, and the two at once (the read into touched
+memory while a thread touches a second buffer). Where the two at once take about as long
+as the slower alone, a loader can overlap them; where they take longer than both in turn,
+the host serves them from one resource and no overlap can help.
+
 Usage::
 
     .venv/bin/python benchmarks/first_touch.py --gigabytes 2.6 --gaps 0,1,2,4,8
+    .venv/bin/python benchmarks/first_touch.py --gaps 0 --read /tmp/opt-sllm/partition-0.bin --repeats 3
 """
 
 from __future__ import annotations
@@ -44,6 +54,51 @@ def populate_seconds(nbytes: int, *, huge: bool = True) -> float:
     return seconds
 
 
+def _touch(nbytes: int, ends: dict[str, float], started: float) -> None:
+    from sllm.io.hostmem import HostBuffer
+
+    HostBuffer(nbytes)  # populated: every page touched, then freed
+    ends["touch"] = time.perf_counter() - started
+
+
+def read_and_touch(path: Path, repeats: int, settle: float) -> list[dict]:
+    """Seconds of (the read alone, the touch alone, both at once: the read's and the touch's
+    end), ``repeats`` times, each measurement after ``settle`` seconds; see the module docstring."""
+    import os
+    import threading
+    from unittest import mock
+
+    from sllm.core.format import DEFAULT_CHUNK_BYTES
+    from sllm.io.hostmem import HostBuffer
+    from sllm.io.reader import DIRECT_IO_ALIGNMENT, evict_page_cache, read_whole
+
+    nbytes = path.stat().st_size // DIRECT_IO_ALIGNMENT * DIRECT_IO_ALIGNMENT
+    rows = []
+    with mock.patch.dict(os.environ, {"SLLM_HUGEPAGES": "0"}):  # 4 KiB pages, as a load's fresh buffers
+        for _ in range(repeats):
+            row: dict[str, float] = {}
+            for mode in ("read", "touch", "both"):
+                target = HostBuffer(nbytes) if mode != "touch" else None  # touched before the timer
+                evict_page_cache(path)
+                time.sleep(settle)
+                ends: dict[str, float] = {}
+                started = time.perf_counter()
+                toucher = threading.Thread(target=_touch, args=(nbytes, ends, started)) if mode != "read" else None
+                if toucher:
+                    toucher.start()
+                if target is not None:
+                    direct = read_whole(path, target.memoryview(nbytes), chunk_bytes=DEFAULT_CHUNK_BYTES)
+                    assert direct, f"{path}: O_DIRECT is not available here"
+                    ends["read"] = time.perf_counter() - started
+                if toucher:
+                    toucher.join()
+                for k, v in ends.items():
+                    row[f"{mode}_{k}_seconds" if mode == "both" else f"{mode}_seconds"] = v
+                del target
+            rows.append(row)
+    return rows
+
+
 def page_reporting() -> str | None:
     """The kernel command line's ``page_reporting.*`` settings, or None (not set there)."""
     try:
@@ -59,6 +114,8 @@ def main() -> int:
     ap.add_argument("--gigabytes", type=float, default=2.6, help="memory per populate, GB (default 2.6)")
     ap.add_argument("--gaps", default="0,1,2,4,8", help="seconds between freeing and the next populate")
     ap.add_argument("--settle", type=float, default=3.0, help="seconds before each pair (default 3)")
+    ap.add_argument("--read", type=Path, help="a large file (e.g. a partition): also time the read and the touch at once")
+    ap.add_argument("--repeats", type=int, default=2, help="rounds of --read's three measurements (default 2)")
     args = ap.parse_args()
     nbytes = int(args.gigabytes * 1e9)
     rows = []
@@ -79,8 +136,17 @@ def main() -> int:
         print(f"{r['gap_seconds']:>6g}  {r['first_seconds']:>21.3f} {r['first_gbps']:>6.2f}  "
               f"{r['second_seconds']:>20.3f} {r['second_gbps']:>6.2f}  {r['small_pages_seconds']:>22.3f} "
               f"{r['small_pages_gbps']:>6.2f}")
+    overlap = read_and_touch(args.read, args.repeats, args.settle) if args.read else []
+    if overlap:
+        print(f"\n{args.read}: O_DIRECT read into touched memory, first touch of as much settled memory "
+              "(4 KiB pages), and both at once")
+        print(f"{'read s':>8} {'touch s':>8}  {'both: read ends s':>17} {'touch ends s':>12}  {'both / slower alone':>19}")
+        for r in overlap:
+            both = max(r["both_read_seconds"], r["both_touch_seconds"])
+            print(f"{r['read_seconds']:>8.3f} {r['touch_seconds']:>8.3f}  {r['both_read_seconds']:>17.3f} "
+                  f"{r['both_touch_seconds']:>12.3f}  {both / max(r['read_seconds'], r['touch_seconds']):>18.2f}x")
     print(json.dumps({"benchmark": "first_touch", "nbytes": nbytes, "page_reporting": page_reporting(),
-                      "rows": rows}))
+                      "rows": rows, "read_and_touch": overlap}))
     return 0
 
 

@@ -207,7 +207,8 @@ def serve(
     A request naming a model that is not resident loads it through sllm's fast loader
     (concurrent requests share that one load); the response header x-sllm-load-seconds
     says how long it waited (0 when warm). Models idle for --keep-alive seconds are
-    unloaded. Routes: POST /v1/completions, POST /v1/chat/completions (stream: true for
+    unloaded; the node keeps the tokenizers of the last 8 models it loaded, so a reload does
+    not parse them again. Routes: POST /v1/completions, POST /v1/chat/completions (stream: true for
     Server-Sent Events), GET /v1/models, GET /status, GET /health, and under /v1/cache
     (--admin-key) the tiers: list, pin, evict, pull, and POST /v1/cache/MODEL/load, which
     loads MODEL onto the device as a cold request would (schedule-plan --apply) and answers
