@@ -6,8 +6,9 @@ A program, not a test: it prints tables and one JSON line, and asserts nothing o
    a remote over HTTP on loopback (throttled, a child process), starts three ``sllm serve``
    nodes (each its own port, cache directory, DRAM tier and memory budget, all with
    ``--inventory``), calibrates the node profile on one node with a model the trace does not
-   use (its cold start from the remote, SSD and DRAM as the server reports it, and its
-   prefill fit and decode rate from ``/status``), then replays the first minutes of the
+   use (its cold start from the remote, SSD and DRAM as the server reports it, its
+   prefill fit and decode rate from ``/status``, and the parse of its tokenizer, which a
+   node pays at its first load of each model), then replays the first minutes of the
    Azure conversation trace (rescaled to ``--rps``, token counts clipped to what the tiny
    models take, each request for one of the models, Zipf popularity) through the three
    front doors in turn, measuring every request's time to first token. Then it runs
@@ -212,13 +213,31 @@ def calibrate(nodes: Nodes, nbytes: int) -> dict:
     direct = statistics.median(complete(url, "calib", prompt, 2, pin) for _ in range(5))
     via = statistics.median(complete(nodes.url("b"), "calib", prompt, 2) for _ in range(5))  # b forwards to a
     httpx.post(url + "/v1/cache/calib/evict", timeout=30)  # every tier: the trace starts from empty caches
+    tokenizer = tokenizer_seconds(nodes.work / "remote" / "calib")
     fixed = loads["dram"]
     return {"fixed_seconds": fixed, "ssd_gbps": nbytes / max(1e-6, loads["ssd"] - fixed) / 1e9,
             "remote_gbps": nbytes / max(1e-6, loads["remote"] - fixed) / 1e9, "a": fit["a_seconds_per_token"],
             "b": fit["b_seconds"], "fit_samples": fit["samples"], "decode": engine["decode_seconds_per_token"],
-            "forward_seconds": max(0.0, via - direct), "cold_starts": loads,
+            "forward_seconds": max(0.0, via - direct), "cold_starts": loads, "tokenizer_seconds": tokenizer,
             "request_seconds": max(0.0, direct - prefill_seconds(len(prompt), PrefillFit(fit["a_seconds_per_token"],
                                                                                          fit["b_seconds"], 0)))}
+
+
+def tokenizer_seconds(model_dir: Path, runs: int = 3) -> float:
+    """Median seconds to parse ``model_dir``'s tokenizer (``AutoTokenizer.from_pretrained``, one
+    untimed parse first): what a node pays beside a load's last step when it holds no
+    tokenizer of that model. The calibration's own cold starts do not show it (node a parsed
+    ``calib``'s tokenizer at its warm-up and kept it); the trace's first load of each model on
+    each node does."""
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(model_dir)
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        AutoTokenizer.from_pretrained(model_dir)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
 
 
 def workload(rps: float, duration: float, models: list[str], seed: int, max_prompt: int, max_gen: int):
@@ -362,7 +381,8 @@ def main() -> int:
     inv = TomlInventory(nodes.inventory).load()
     sim = Simulation(inv, {m: sizes[m] for m in models}, reqs, "sllm",
                      SimConfig(keep_alive_seconds=args.keep_alive, replicas=0, seed=args.seed,
-                               forward_seconds=prof["forward_seconds"], request_seconds=prof["request_seconds"])).run()
+                               forward_seconds=prof["forward_seconds"], request_seconds=prof["request_seconds"],
+                               tokenizer_seconds=prof["tokenizer_seconds"])).run()
     got = [m["ttft_seconds"] for m in measured if m["ttft_seconds"] is not None]
     simulated = [r.ttft_seconds for r in sim.records if r.ttft_seconds is not None]
     errors = [m for m in measured if m["error"]]
@@ -370,7 +390,8 @@ def main() -> int:
           f"{prof['remote_gbps']:.3f} GB/s (HTTP throttled to {args.throttle_mbps:g} MB/s), prefill "
           f"{prof['a'] * 1e6:.1f} us/token + {prof['b'] * 1e3:.1f} ms ({prof['fit_samples']} samples), decode "
           f"{prof['decode'] * 1e3:.1f} ms/token, front-door hop {prof['forward_seconds'] * 1e3:.1f} ms, a request's "
-          f"own way beyond its prefill {prof['request_seconds'] * 1e3:.1f} ms")
+          f"own way beyond its prefill {prof['request_seconds'] * 1e3:.1f} ms, a tokenizer's parse "
+          f"{prof['tokenizer_seconds'] * 1e3:.0f} ms")
     print(f"replayed {len(reqs)} requests ({len(errors)} failed) over {args.duration:g} s at {args.rps:g} req/s, "
           f"{len(models)} models of {nbytes / 1e6:.0f} MB, 3 nodes (2.5 models of memory, 3.5 of DRAM each)")
     print(f"{'':<10}{'mean s':>9}{'P50 s':>9}{'P90 s':>9}{'P99 s':>9}")

@@ -240,3 +240,25 @@ def test_initial_copies_beyond_the_ssd_capacity_keep_the_models_listed_first():
     assert list(sim.nodes["a"].ssd.items) == ["m1", "m0"]  # m0 put last: the most recently used
     two = Simulation(Inventory({"a": small, "b": replace(small, name="b")}), models, [], "sllm", CFG)
     assert sorted(two.nodes["a"].ssd.items) == ["m0", "m2"] and sorted(two.nodes["b"].ssd.items) == ["m1", "m3"]
+
+
+def test_a_first_load_on_a_node_waits_for_the_tokenizer_parse_beside_the_fixed_cost():
+    from dataclasses import replace
+
+    from sllm.server.loading import TOKENIZER_CACHE_SIZE
+
+    assert SimConfig().tokenizer_cache == TOKENIZER_CACHE_SIZE  # as sllm serve keeps them
+    reqs = [req(0, 0.0, "m"), req(1, 20.0, "n"), req(2, 40.0, "m")]
+    sizes = {"m": GB, "n": GB}
+    # the parse (0.3 s) runs beside the fixed cost (0.1 s): SSD 0.525 + 0.3, then prefill 0.11; m's reload from
+    # DRAM after the keep-alive: its tokenizer is held, so 0.1 + 0.1 + 0.11
+    res = Simulation(one_node(), sizes, reqs, "sllm", replace(CFG, tokenizer_seconds=0.3)).run()
+    assert [r.tier for r in res.records] == ["ssd", "ssd", "dram"]
+    assert [r.ttft_seconds for r in res.records] == pytest.approx([0.935, 0.935, 0.31])
+    assert res.records[0].queued_seconds == pytest.approx(0.0)  # the parse is work, not a queue
+    # a node that keeps one tokenizer parses m's again after n's
+    res = Simulation(one_node(), sizes, reqs, "sllm", replace(CFG, tokenizer_seconds=0.3, tokenizer_cache=1)).run()
+    assert [r.ttft_seconds for r in res.records] == pytest.approx([0.935, 0.935, 0.1 + 0.3 + 0.11])
+    # a parse shorter than the fixed cost hides behind it
+    res = Simulation(one_node(), sizes, reqs, "sllm", replace(CFG, tokenizer_seconds=0.05)).run()
+    assert [r.ttft_seconds for r in res.records] == pytest.approx([0.735, 0.735, 0.31])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -174,7 +175,7 @@ def _apply(inv: Any, p: Any) -> dict[str, Any]:
 
 def _simulate(inv: Any, trace: str, models: str | None, policy: str, rps: float | None, duration: float | None,
               popularity: str, keep_alive: float, replicas: int, seed: int, plot: Path | None, json_output: bool) -> None:
-    from sllm.core.simulate import POLICIES, SimConfig, plot_cdfs, simulate
+    from sllm.core.simulate import POLICIES, SimConfig, simulate
     from sllm.core.workload import assign_models, parse_models, parse_trace_spec
 
     if models is None:
@@ -204,3 +205,35 @@ def _simulate(inv: Any, trace: str, models: str | None, policy: str, rps: float 
           [[r.policy, r.ttft_mean_seconds, r.ttft_p50_seconds, r.ttft_p90_seconds, r.ttft_p99_seconds,
             f"{r.warm_fraction:.0%}", r.queued_requests, r.startup_mean_seconds, r.queued_mean_seconds,
             " ".join(f"{k}:{v}" for k, v in r.loads.items()) or "-", r.migrations] for r in results], min_width=160)
+
+
+def plot_cdfs(results: Sequence[Any], path: str | Path, title: str = "") -> Path:
+    """Draw each policy's time-to-first-token CDF (each a :class:`sllm.core.simulate.PolicyResult`) to
+    ``path`` (PNG; needs matplotlib).
+
+    Raises:
+        UsageError: matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise UsageError("--plot needs matplotlib", hint="pip install 'sllm[plot]'") from exc
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for res in results:
+        xs = sorted(r.ttft_seconds for r in res.records if r.ttft_seconds is not None)
+        if xs:
+            ax.step(xs, [(i + 1) / len(xs) for i in range(len(xs))], where="post", label=res.policy)
+    ax.set_xscale("symlog", linthresh=0.1)
+    ax.set_xlabel("time to first token, s")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title(title or "time to first token")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -11,7 +11,9 @@ modelled:
 - each node queues loads per resource as ``sllm serve`` does: a remote pull holds its link,
   an SSD read its disk, one load at a time each, a DRAM hit neither; then the load waits
   for room in the memory budget (least recently used idle models unload to make room; it
-  waits while models in use hold it) and pays the loader's fixed cost. DRAM and SSD tiers
+  waits while models in use hold it) and pays the loader's fixed cost, or the parse of the
+  model's tokenizer where that is longer (``tokenizer_seconds``, the two run side by side; a
+  node keeps the tokenizers of the last ``tokenizer_cache`` models it loaded). DRAM and SSD tiers
   evict LRU under their capacities (a load fills both on its way up); the remote is behind
   every node;
 - a resident model serves any number of requests at once (batched): a request takes
@@ -40,7 +42,6 @@ import statistics
 from collections import Counter, OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from sllm.core.estimator import DEFAULT_FIT, estimate_migration, estimate_transfer, fixed_seconds, prefill_seconds
@@ -82,6 +83,10 @@ class SimConfig:
         request_seconds: what every request spends outside the engine before its first token
             (the HTTP round trip, tokenization, the first SSE event), beyond the prefill fit,
             which a node measures from submission to its engine (0: not modelled).
+        tokenizer_seconds: a node's parse of a model's tokenizer, seconds, beside the load's
+            fixed cost, when the node holds no tokenizer of that model (0: not modelled).
+        tokenizer_cache: tokenizers a node keeps, the last models' it loaded (as ``sllm
+            serve``: ``sllm.server.loading.TOKENIZER_CACHE_SIZE``).
     """
 
     keep_alive_seconds: float = 60.0
@@ -91,6 +96,8 @@ class SimConfig:
     seed: int = 0
     forward_seconds: float = 0.0
     request_seconds: float = 0.0
+    tokenizer_seconds: float = 0.0
+    tokenizer_cache: int = 8
 
 
 @dataclass(frozen=True)
@@ -246,6 +253,14 @@ class _Node:
             else cfg.decode_seconds_per_token
         self._freed = env.event()
         self.mean_generated: float | None = None
+        self.tokenizers: OrderedDict[str, None] = OrderedDict()  # models whose tokenizer it holds, LRU first
+        self.tokenizer_cache = cfg.tokenizer_cache
+
+    def hold_tokenizer(self, model: str) -> None:
+        self.tokenizers[model] = None
+        self.tokenizers.move_to_end(model)
+        while len(self.tokenizers) > self.tokenizer_cache:
+            self.tokenizers.popitem(last=False)
 
     def used(self) -> int:
         return sum(i.nbytes for i in self.instances.values()) + self.reserved
@@ -401,7 +416,8 @@ class Simulation:
         node.jobs.append(job)
         resource = {"link": node.link, "disk": node.disk}.get(job.resource or "")
         seconds = estimate_transfer(node.spec, tier, nbytes, remote_gbps=self.inventory.remote_gbps)
-        fixed = fixed_seconds(node.spec, tier)
+        tokenizer = 0.0 if model in node.tokenizers else self.config.tokenizer_seconds
+        fixed = max(fixed_seconds(node.spec, tier), tokenizer)  # the weights' last step beside the tokenizer's parse
         job.work_seconds = seconds + fixed
         try:
             if resource is None:  # a DRAM hit queues for nothing
@@ -423,6 +439,7 @@ class Simulation:
             yield env.timeout(fixed)
             node.reserved -= nbytes
             node.instances[model] = _Instance(model, nbytes, env.now)
+            node.hold_tokenizer(model)
             protected = set(node.instances) if node.spec.device_kind == "cpu" else set()
             node.dram.put(model, nbytes, protected)
             node.ssd.put(model, nbytes)
@@ -561,36 +578,5 @@ def simulate(inventory: Inventory, models: Mapping[str, int], requests: Sequence
     return [Simulation(inventory, models, requests, p, config).run() for p in policies]
 
 
-def plot_cdfs(results: Sequence[PolicyResult], path: str | Path, title: str = "") -> Path:
-    """Draw each policy's time-to-first-token CDF to ``path`` (PNG; needs matplotlib).
-
-    Raises:
-        UsageError: matplotlib is not installed.
-    """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise UsageError("--plot needs matplotlib", hint="pip install 'sllm[plot]'") from exc
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for res in results:
-        xs = sorted(r.ttft_seconds for r in res.records if r.ttft_seconds is not None)
-        if xs:
-            ax.step(xs, [(i + 1) / len(xs) for i in range(len(xs))], where="post", label=res.policy)
-    ax.set_xscale("symlog", linthresh=0.1)
-    ax.set_xlabel("time to first token, s")
-    ax.set_ylabel("fraction of requests")
-    ax.set_title(title or "time to first token")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 __all__ = ["DEFAULT_FIT", "POLICIES", "PolicyResult", "RequestRecord", "SimConfig", "Simulation", "percentile",
-           "plot_cdfs", "simulate", "summarize"]
+           "simulate", "summarize"]
