@@ -33,23 +33,27 @@ TOKENIZER_CACHE_SIZE = 8
 #: Files that cannot be a tokenizer's: weights, and sllm's manifest and tensor index.
 _NOT_TOKENIZER_SUFFIXES = (".bin", ".safetensors", ".pt", ".pth", ".gguf")
 _NOT_TOKENIZER_NAMES = ("sllm.json", "tensor_index.json")
-#: Side files larger than this are not hashed (no tokenizer file is this large).
+#: Side files larger than this count by size and modification time, not bytes (reading them
+#: at every load would cost more than the parse saved).
 _MAX_SIDE_FILE_BYTES = 64 << 20
 
 
 def side_files_digest(path: Path) -> str:
     """SHA-256 (hex) of the names and bytes of every file in ``path`` that a tokenizer may
-    read: all regular files but weights (``.bin``, ``.safetensors``, ...), sllm's manifest
-    and tensor index, and files over 64 MiB. Two directories with the same digest give the
-    same tokenizer.
+    read: all regular files but weights (``.bin``, ``.safetensors``, ...) and sllm's manifest
+    and tensor index; a file over 64 MiB counts by its size and modification time instead.
+    Two directories with the same digest give the same tokenizer.
 
     Raises:
         OSError: ``path`` cannot be listed or a file read.
     """
     digest = hashlib.sha256()
     for f in sorted(path.iterdir()):
-        if (not f.is_file() or f.name in _NOT_TOKENIZER_NAMES or f.suffix in _NOT_TOKENIZER_SUFFIXES
-                or f.stat().st_size > _MAX_SIDE_FILE_BYTES):
+        if not f.is_file() or f.name in _NOT_TOKENIZER_NAMES or f.suffix in _NOT_TOKENIZER_SUFFIXES:
+            continue
+        st = f.stat()
+        if st.st_size > _MAX_SIDE_FILE_BYTES:
+            digest.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\0large\0".encode())
             continue
         data = f.read_bytes()
         digest.update(f"{f.name}\0{len(data)}\0".encode())
