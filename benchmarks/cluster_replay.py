@@ -93,7 +93,8 @@ def inventory_doc(ports: dict[str, int], remote: str, nbytes: int, prof: dict) -
             "device": {"kind": "cpu"},
             "tiers": {"dram": {"gbps": 10.0, "capacity_bytes": int(3.5 * nbytes)},
                       "ssd": {"gbps": prof["ssd_gbps"]}, "remote": {"gbps": prof["remote_gbps"]}},
-            "loader": {"fixed_seconds": prof["fixed_seconds"], "pipelined": True},
+            "loader": {"fixed_seconds": prof["fixed_seconds"], "pipelined": True,
+                       "tokenizer_seconds": prof.get("tokenizer_seconds", 0.0)},
             "engine": {"prefill_a_seconds_per_token": prof["a"], "prefill_b_seconds": prof["b"],
                        "decode_seconds_per_token": prof["decode"]},
         }
@@ -184,6 +185,7 @@ def calibrate(nodes: Nodes, nbytes: int) -> dict:
     untimed cold start on every node, which warms them as nodes that have been serving are)."""
     from sllm.core.estimator import prefill_seconds
     from sllm.core.inventory import PrefillFit
+    from sllm.core.profile import measure_tokenizer_seconds
 
     url, pin = nodes.url("a"), {FORWARDED: "calibration"}
     loads = {}
@@ -213,7 +215,9 @@ def calibrate(nodes: Nodes, nbytes: int) -> dict:
     direct = statistics.median(complete(url, "calib", prompt, 2, pin) for _ in range(5))
     via = statistics.median(complete(nodes.url("b"), "calib", prompt, 2) for _ in range(5))  # b forwards to a
     httpx.post(url + "/v1/cache/calib/evict", timeout=30)  # every tier: the trace starts from empty caches
-    tokenizer = tokenizer_seconds(nodes.work / "remote" / "calib")
+    # the calibration's cold starts do not show the tokenizer's parse (node a parsed calib's at its warm-up
+    # and kept it); the trace's first load of each model on each node pays it
+    tokenizer = measure_tokenizer_seconds(nodes.work / "remote" / "calib")
     fixed = loads["dram"]
     return {"fixed_seconds": fixed, "ssd_gbps": nbytes / max(1e-6, loads["ssd"] - fixed) / 1e9,
             "remote_gbps": nbytes / max(1e-6, loads["remote"] - fixed) / 1e9, "a": fit["a_seconds_per_token"],
@@ -221,23 +225,6 @@ def calibrate(nodes: Nodes, nbytes: int) -> dict:
             "forward_seconds": max(0.0, via - direct), "cold_starts": loads, "tokenizer_seconds": tokenizer,
             "request_seconds": max(0.0, direct - prefill_seconds(len(prompt), PrefillFit(fit["a_seconds_per_token"],
                                                                                          fit["b_seconds"], 0)))}
-
-
-def tokenizer_seconds(model_dir: Path, runs: int = 3) -> float:
-    """Median seconds to parse ``model_dir``'s tokenizer (``AutoTokenizer.from_pretrained``, one
-    untimed parse first): what a node pays beside a load's last step when it holds no
-    tokenizer of that model. The calibration's own cold starts do not show it (node a parsed
-    ``calib``'s tokenizer at its warm-up and kept it); the trace's first load of each model on
-    each node does."""
-    from transformers import AutoTokenizer
-
-    AutoTokenizer.from_pretrained(model_dir)
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        AutoTokenizer.from_pretrained(model_dir)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def workload(rps: float, duration: float, models: list[str], seed: int, max_prompt: int, max_gen: int):
@@ -381,8 +368,7 @@ def main() -> int:
     inv = TomlInventory(nodes.inventory).load()
     sim = Simulation(inv, {m: sizes[m] for m in models}, reqs, "sllm",
                      SimConfig(keep_alive_seconds=args.keep_alive, replicas=0, seed=args.seed,
-                               forward_seconds=prof["forward_seconds"], request_seconds=prof["request_seconds"],
-                               tokenizer_seconds=prof["tokenizer_seconds"])).run()
+                               forward_seconds=prof["forward_seconds"], request_seconds=prof["request_seconds"])).run()
     got = [m["ttft_seconds"] for m in measured if m["ttft_seconds"] is not None]
     simulated = [r.ttft_seconds for r in sim.records if r.ttft_seconds is not None]
     errors = [m for m in measured if m["error"]]

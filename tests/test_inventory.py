@@ -99,6 +99,7 @@ def test_parse_sample(tmp_path):
      "loader.probe_tensors = 0"),
     ('[nodes.a]\nurl = "http://x"\n[nodes.a.loader]\nseconds_per_tensor = -1\nprobe_tensors = 9',
      "loader.seconds_per_tensor = -1"),
+    ('[nodes.a]\nurl = "http://x"\n[nodes.a.loader]\ntokenizer_seconds = -0.1', "loader.tokenizer_seconds = -0.1"),
     ("[nodes.a\n", "not valid TOML"),
 ])
 def test_bad_inventory_names_file_and_key(tmp_path, bad, message):
@@ -117,14 +118,15 @@ def test_missing_file(tmp_path):
 def test_add_profile_merges_a_written_node_profile(tmp_path):
     prof = build_profile({"ssd": TierBandwidth("ssd", 3.51, 1 << 30, 0.3, 8), "dram": TierBandwidth("dram", 7.8, 1, 1),
                           "remote": TierBandwidth("remote", 0.275, 1, 1)},
-                         loader_fixed_seconds=0.008, name="n1", capacities={"ssd": 10**12}, tensor_cost=(1.9e-5, 77))
+                         loader_fixed_seconds=0.008, name="n1", capacities={"ssd": 10**12}, tensor_cost=(1.9e-5, 77),
+                         tokenizer_seconds=0.13)
     path = write_profile(prof, tmp_path / "node-profile.toml")
     inv_path = tmp_path / "cluster.toml"
     store = TomlInventory(inv_path)
     spec = store.add_profile(read_profile(path), url="http://10.0.0.5:8343", api_key_env="K1")
     assert spec.name == "n1" and spec.url == "http://10.0.0.5:8343" and spec.tiers["ssd"].gbps == 3.51
     assert spec.tiers["ssd"].capacity_bytes == 10**12 and spec.loader_fixed_seconds == 0.008
-    assert (spec.load_seconds_per_tensor, spec.load_probe_tensors) == (1.9e-5, 77)
+    assert (spec.load_seconds_per_tensor, spec.load_probe_tensors, spec.tokenizer_seconds) == (1.9e-5, 77, 0.13)
     store.add_profile(read_profile(path), name="n2", url="http://10.0.0.6:8343")
     again = store.add_profile(read_profile(path), url="http://10.0.0.7:8343")  # same name: replaced
     inv = store.load()
@@ -142,7 +144,7 @@ STATUS = {
     "model_bytes": {"x": 300}, "model_tensors": {"x": 29, "y": 0},
     "loader_queue": [{"model": "z", "nbytes": 50, "tier": "remote", "elapsed_seconds": 0.5, "running": True}],
     "prefill_fit": {"x": {"a_seconds_per_token": 0.001, "b_seconds": 0.01, "samples": 7}},
-    "cache": {"remote": "http://store"},
+    "cache": {"remote": "http://store"}, "tokenizers": ["x"],
 }
 
 
@@ -153,6 +155,7 @@ def test_parse_status():
     assert st.model_bytes == {"x": 300} and st.loader[0].running and st.loader[0].tier == "remote"
     assert st.prefill["x"].samples == 7 and st.has_remote and st.model_tensors == {"x": 29}
     assert st.budget_wait_seconds == 120.0 and parse_status("a", {}).budget_wait_seconds is None
+    assert st.tokenizers == {"x"} and parse_status("a", {}).tokenizers is None
     assert not parse_status("a", {"resident": [{"nbytes": 1}]}).up  # malformed: down, not a crash
     assert not parse_status("a", {}).has_remote
 

@@ -52,6 +52,8 @@ def test_load_bench_tiers_writes_profile(tiny_sllm_gpt2, tmp_path):
     assert node["loader"]["seconds_per_tensor"] >= 0 and node["loader"]["probe_tensors"] == tensor_count(local)
     assert (spec.load_seconds_per_tensor, spec.load_probe_tensors) == (
         node["loader"]["seconds_per_tensor"], node["loader"]["probe_tensors"])
+    # the parse of its tokenizer (a node pays it at its first load of a model), read back the same
+    assert node["loader"]["tokenizer_seconds"] > 0 and spec.tokenizer_seconds == node["loader"]["tokenizer_seconds"]
     assert not list(tmp_path.glob("ssd/.sllm-tmp-*"))  # the probe cache and probe file are gone
 
 
@@ -68,6 +70,20 @@ def test_a_profile_whose_layer_copies_do_not_build_has_no_per_tensor_cost(tiny_s
     assert node.seconds_per_tensor is None and [t.tier for t in loads] == ["ssd", "dram"]
     assert "no per-tensor load cost" in caplog.text and "no such layer count" in caplog.text
     assert "seconds_per_tensor" not in node.to_toml_dict()["node"]["loader"]
+
+
+def test_a_profile_whose_tokenizer_does_not_parse_has_no_parse_time(tiny_sllm_gpt2, tmp_path, monkeypatch, caplog):
+    from sllm.core import profile
+
+    def broken(*a, **kw):
+        raise OSError("Can't load tokenizer")
+
+    monkeypatch.setattr(profile, "measure_tokenizer_seconds", broken)
+    local = tmp_path / "ssd" / "tiny"
+    shutil.copytree(tiny_sllm_gpt2, local)
+    node, _ = profile.profile_node(local, runs=1)
+    assert node.tokenizer_seconds is None and "no tokenizer parse time" in caplog.text
+    assert "tokenizer_seconds" not in node.to_toml_dict()["node"]["loader"]
 
 
 def test_measure_ssd_picks_the_best_thread_count(tmp_path):

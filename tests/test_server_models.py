@@ -248,6 +248,7 @@ def test_a_reload_reuses_the_tokenizer_unless_its_files_changed(models_dir, tmp_
         m.release(lease)
         clock.t += 10
         assert await m.reap() == ["gpt2-a"]
+        assert (await m.status())["tokenizers"] == ["gpt2-a"]  # the scheduler counts no parse here
         lease = await m.acquire("gpt2-a")
         assert lease.resident.tokenizer is first and (m.tokenizers.hits, m.tokenizers.misses) == (1, 1)
         m.release(lease)

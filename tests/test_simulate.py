@@ -252,13 +252,16 @@ def test_a_first_load_on_a_node_waits_for_the_tokenizer_parse_beside_the_fixed_c
     sizes = {"m": GB, "n": GB}
     # the parse (0.3 s) runs beside the fixed cost (0.1 s): SSD 0.525 + 0.3, then prefill 0.11; m's reload from
     # DRAM after the keep-alive: its tokenizer is held, so 0.1 + 0.1 + 0.11
-    res = Simulation(one_node(), sizes, reqs, "sllm", replace(CFG, tokenizer_seconds=0.3)).run()
+    res = Simulation(one_node(tokenizer_seconds=0.3), sizes, reqs, "sllm", CFG).run()
     assert [r.tier for r in res.records] == ["ssd", "ssd", "dram"]
     assert [r.ttft_seconds for r in res.records] == pytest.approx([0.935, 0.935, 0.31])
     assert res.records[0].queued_seconds == pytest.approx(0.0)  # the parse is work, not a queue
     # a node that keeps one tokenizer parses m's again after n's
-    res = Simulation(one_node(), sizes, reqs, "sllm", replace(CFG, tokenizer_seconds=0.3, tokenizer_cache=1)).run()
+    res = Simulation(one_node(tokenizer_seconds=0.3), sizes, reqs, "sllm", replace(CFG, tokenizer_cache=1)).run()
     assert [r.ttft_seconds for r in res.records] == pytest.approx([0.935, 0.935, 0.1 + 0.3 + 0.11])
     # a parse shorter than the fixed cost hides behind it
-    res = Simulation(one_node(), sizes, reqs, "sllm", replace(CFG, tokenizer_seconds=0.05)).run()
+    res = Simulation(one_node(tokenizer_seconds=0.05), sizes, reqs, "sllm", CFG).run()
     assert [r.ttft_seconds for r in res.records] == pytest.approx([0.735, 0.735, 0.31])
+    # the scheduler's estimate of each load counts the parse as the simulated node pays it
+    res = Simulation(one_node(tokenizer_seconds=0.3), sizes, reqs, "sllm", CFG).run()
+    assert [r.estimate_seconds for r in res.records] == pytest.approx([r.ttft_seconds for r in res.records])

@@ -250,6 +250,7 @@ def estimate_load(
     queue: Iterable[LoaderJob] = (),
     remote_gbps: float | None = None,
     tensors: int | None = None,
+    tokenizer: str | None = None,
 ) -> LoadEstimate:
     """The load time of ``model`` on ``node`` from ``tier`` (paper §6.1; module docstring).
 
@@ -262,6 +263,11 @@ def estimate_load(
         remote_gbps: the inventory's default remote bandwidth.
         tensors: the checkpoint's tensor count (its tensor index), for the per-tensor part of
             the fixed cost; None: as many as the model the profile was measured on.
+        tokenizer: where the node parses the model's tokenizer (``node.tokenizer_seconds``),
+            which ``sllm serve`` runs beside its weights: "fixed" beside the fixed cost (a
+            model of its tier cache, fetched to DRAM first), "read" beside the transfer and
+            the fixed cost (a ``--models`` directory's); None: it holds the tokenizer. The
+            fixed cost grows to cover a longer parse.
 
     Raises:
         EstimateError: the profile lacks a bandwidth the path needs.
@@ -273,6 +279,8 @@ def estimate_load(
     transfer = pipeline_seconds(stages, pipelined=node.pipelined, chunks=chunks)
     queued = queue_seconds(node, queue, remote_gbps=remote_gbps, tier=tier)
     fixed = fixed_seconds(node, tier, tensors)
+    if tokenizer is not None:
+        fixed = max(fixed, node.tokenizer_seconds - (transfer if tokenizer == "read" else 0.0))
     return LoadEstimate(node.name, model, tier, nbytes, stages, node.pipelined, chunks, transfer, queued, fixed,
                         queued + transfer + fixed)
 

@@ -48,6 +48,7 @@ The TOML format (``man sllm-schedule-plan``)::
     fixed_seconds = 0.008         # skeleton build + weight assignment per load
     seconds_per_tensor = 0.000018 # the load paths' part that grows with the tensor count, and
     probe_tensors = 77            #   the count of the model they were timed on (optional, see below)
+    tokenizer_seconds = 0.13      # parsing a model's tokenizer, at a node's first load of it (optional)
     pipelined = true              # the tier cache pipelines a pull by chunk
     [nodes.a.engine]              # for --simulate (optional; defaults otherwise)
     prefill_a_seconds_per_token = 0.0001
@@ -64,6 +65,10 @@ for a model with another tensor count: ``+ seconds_per_tensor * (tensors - probe
 (building the skeleton and its views costs per tensor; a DRAM hit on the CPU is nothing else).
 The model's tensor count comes from any node that has its tensor index (a local or SSD copy:
 ``model_tensors`` in its ``/status``); where none has, the probe's count is assumed (no correction).
+``loader.tokenizer_seconds`` (``load-bench --tiers`` writes it) is what the node pays to parse a
+model's tokenizer when it holds none of that model's (its ``/status`` lists those it holds):
+beside the load's fixed cost for a model of its tier cache, beside the whole read for one of
+its ``--models`` directory; 0 (the default): not counted.
 
 It does not estimate or decide: :mod:`sllm.core.estimator` and :mod:`sllm.core.scheduler` do.
 """
@@ -142,6 +147,8 @@ class NodeSpec:
         load_seconds_per_tensor: the load paths' fixed parts' cost per tensor, seconds (None:
             not measured); they were measured on a model of ``load_probe_tensors`` tensors.
         load_probe_tensors: that model's tensor count.
+        tokenizer_seconds: seconds to parse a model's tokenizer, paid at a load when the node
+            holds no tokenizer of that model (module docstring); 0: not counted.
         pipelined: True when the node's tier cache pipelines a pull by chunk (remote -> SSD ->
             DRAM at once); False: each stage waits for the previous one.
         chunk_bytes: the pipeline's grain, bytes (its fill cost is one chunk through the stages).
@@ -162,6 +169,7 @@ class NodeSpec:
     loader_fixed_seconds: float = 0.0
     load_seconds_per_tensor: float | None = None
     load_probe_tensors: int | None = None
+    tokenizer_seconds: float = 0.0
     pipelined: bool = True
     chunk_bytes: int = 16 * 1024 * 1024
     prefill: PrefillFit | None = None
@@ -298,6 +306,7 @@ def parse_node(name: str, data: Mapping[str, Any], *, where: str) -> NodeSpec:
         load_seconds_per_tensor=None if spt is None else _num(w, "loader.seconds_per_tensor", spt),
         load_probe_tensors=None if spt is None else _num(w, "loader.probe_tensors", loader.get("probe_tensors"),
                                                          kind=int, minimum=1),
+        tokenizer_seconds=_num(w, "loader.tokenizer_seconds", loader.get("tokenizer_seconds", 0.0)),
         pipelined=pipelined,
         chunk_bytes=_num(w, "loader.chunk_bytes", loader.get("chunk_bytes", 16 * 1024 * 1024), kind=int, minimum=1),
         prefill=fit,
@@ -358,6 +367,8 @@ def node_entry(spec: NodeSpec) -> dict[str, Any]:
                      "chunk_bytes": spec.chunk_bytes}
     if spec.load_seconds_per_tensor is not None:
         out["loader"].update(seconds_per_tensor=spec.load_seconds_per_tensor, probe_tensors=spec.load_probe_tensors)
+    if spec.tokenizer_seconds:
+        out["loader"]["tokenizer_seconds"] = spec.tokenizer_seconds
     engine: dict[str, float] = {}
     if spec.prefill is not None:
         engine.update(prefill_a_seconds_per_token=spec.prefill.a_seconds_per_token,

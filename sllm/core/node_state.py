@@ -120,6 +120,8 @@ class NodeState:
             (a local or SSD copy): the per-tensor part of a load's fixed cost.
         budget_wait_seconds: how long a load waits there for room in the budget before it
             fails (``sllm serve``: 120 s; None: not reported, as long as it takes).
+        tokenizers: the models whose tokenizer the node holds (a load of another pays the
+            node's ``tokenizer_seconds``); None: not reported (nothing counted).
     """
 
     name: str
@@ -136,6 +138,7 @@ class NodeState:
     mean_generated_tokens: float | None = None
     model_tensors: Mapping[str, int] = field(default_factory=dict)
     budget_wait_seconds: float | None = None
+    tokenizers: frozenset[str] | None = None
 
     def resident_model(self, model: str) -> ResidentModel | None:
         """The resident entry of ``model``, or None."""
@@ -186,11 +189,13 @@ def parse_status(name: str, status: Mapping[str, Any]) -> NodeState:
         mean_gen = engine.get("mean_generated_tokens")
         counts = {str(k): int(v) for k, v in (status.get("model_tensors") or {}).items() if int(v) > 0}
         budget_wait = status.get("budget_wait_seconds")
+        held = status.get("tokenizers")
         return NodeState(name, True, None, status.get("max_memory_bytes"), resident, tiers, sizes, loader, prefill,
                          model_tensors=counts, has_remote=bool(cache and cache.get("remote")),
                          decode_seconds_per_token=None if decode is None else float(decode),
                          mean_generated_tokens=None if mean_gen is None else float(mean_gen),
-                         budget_wait_seconds=None if budget_wait is None else float(budget_wait))
+                         budget_wait_seconds=None if budget_wait is None else float(budget_wait),
+                         tokenizers=None if held is None else frozenset(str(m) for m in held))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         return NodeState(name, up=False, error=f"malformed /status: {type(exc).__name__}: {exc}")
 

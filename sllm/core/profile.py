@@ -78,6 +78,8 @@ class NodeProfile:
         seconds_per_tensor: the load paths' fixed parts' cost per tensor, seconds, measured on
             a model of ``probe_tensors`` tensors (:func:`sllm.core.loadpath.measure_tensor_cost`);
             None: not measured.
+        tokenizer_seconds: seconds to parse the probe model's tokenizer (what a node pays at
+            its first load of a model; :func:`measure_tokenizer_seconds`); None: not measured.
     """
 
     name: str
@@ -90,6 +92,7 @@ class NodeProfile:
     capacities: dict[str, int] = field(default_factory=dict)
     seconds_per_tensor: float | None = None
     probe_tensors: int | None = None
+    tokenizer_seconds: float | None = None
 
     def to_toml_dict(self) -> dict[str, Any]:
         """The TOML document: ``[node]``, ``[node.host]``, ``[node.tiers.<tier>]``, ``[node.loader]``."""
@@ -104,6 +107,8 @@ class NodeProfile:
         }
         if self.seconds_per_tensor is not None:
             node["loader"].update(seconds_per_tensor=round(self.seconds_per_tensor, 9), probe_tensors=self.probe_tensors)
+        if self.tokenizer_seconds is not None:
+            node["loader"]["tokenizer_seconds"] = round(self.tokenizer_seconds, 6)
         for tier, bw in self.tiers.items():
             entry = {k: v for k, v in asdict(bw).items() if k != "tier" and v is not None}  # TOML has no null
             for k, digits in (("gbps", 4), ("seconds", 6), ("load_fixed_seconds", 6), ("load_gbps", 4)):
@@ -245,6 +250,25 @@ def measure_loader_fixed_seconds(model_dir: str | os.PathLike[str], runs: int = 
     return statistics.median(times)
 
 
+def measure_tokenizer_seconds(model_dir: str | os.PathLike[str], runs: int = 3) -> float:
+    """Median seconds of ``AutoTokenizer.from_pretrained(model_dir)`` over ``runs`` parses,
+    after one untimed parse (transformers' lazy imports): what ``sllm serve`` pays beside a
+    load when it holds no tokenizer of the model (:class:`sllm.server.loading.TokenizerCache`).
+
+    Raises:
+        whatever transformers raises for a directory without a tokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(model_dir)
+    times = []
+    for _ in range(max(1, runs)):
+        started = time.perf_counter()
+        AutoTokenizer.from_pretrained(model_dir)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
 def build_profile(
     tiers: dict[str, TierBandwidth],
     *,
@@ -253,9 +277,11 @@ def build_profile(
     name: str | None = None,
     capacities: dict[str, int] | None = None,
     tensor_cost: tuple[float, int] | None = None,
+    tokenizer_seconds: float | None = None,
 ) -> NodeProfile:
     """Assemble a :class:`NodeProfile` from measurements and this host's facts
-    (``tensor_cost``: seconds per tensor and the probe's tensor count, or None)."""
+    (``tensor_cost``: seconds per tensor and the probe's tensor count, or None;
+    ``tokenizer_seconds``: the probe's tokenizer parse, or None)."""
     return NodeProfile(
         name=name or socket.gethostname(),
         address=address,
@@ -267,6 +293,7 @@ def build_profile(
         capacities=capacities or {},
         seconds_per_tensor=tensor_cost[0] if tensor_cost else None,
         probe_tensors=tensor_cost[1] if tensor_cost else None,
+        tokenizer_seconds=tokenizer_seconds,
     )
 
 
@@ -379,4 +406,10 @@ def profile_node(
         logging.getLogger("sllm").warning("%s: no per-tensor load cost (its 1- and 4-layer copies did not build: "
                                           "%s: %s)", model_dir, type(exc).__name__, exc)
         cost = None
-    return build_profile(tiers, loader_fixed_seconds=fixed, address=address, tensor_cost=cost), loads
+    try:
+        tokenizer = measure_tokenizer_seconds(model_dir)
+    except Exception as exc:  # noqa: BLE001 - as above: a checkpoint without a tokenizer still profiles
+        logging.getLogger("sllm").warning("%s: no tokenizer parse time (%s: %s)", model_dir, type(exc).__name__, exc)
+        tokenizer = None
+    return build_profile(tiers, loader_fixed_seconds=fixed, address=address, tensor_cost=cost,
+                         tokenizer_seconds=tokenizer), loads

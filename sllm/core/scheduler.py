@@ -28,7 +28,10 @@ Freeing room and the transfer overlap as ``sllm serve`` orders them: a model of 
 tier cache is fetched into DRAM first (its queue and transfer) and room is made after, so an
 "unload", "migrate" or "wait" option costs ``max(freeing, queue + transfer) + fixed``; a
 model of a ``--models`` directory reserves its room before it is read, so there the costs
-add up, ``freeing + queue + transfer + fixed``.
+add up, ``freeing + queue + transfer + fixed``. A node that lists the tokenizers it holds
+(``/status`` ``tokenizers``) and lacks the model's parses one beside the load: the fixed cost
+is at least the node's ``tokenizer_seconds`` (less the transfer, for a ``--models`` model,
+whose read runs beside the parse).
 
 With ``prompt_tokens`` the estimated prefill ``a * tokens + b`` (the node's fit) is added.
 Nodes that are down are listed apart. Ties break deterministically: seconds, then the
@@ -295,9 +298,11 @@ def node_option(
     if budget is not None and nbytes > budget:
         return Option(spec.name, "unavailable", tier, math.inf,
                       reasons=(f"needs {nbytes} bytes; the node's budget is {budget} bytes",))
+    overlaps = _fetched_first(model, state)
+    parse = None if state.tokenizers is None or model in state.tokenizers else "fixed" if overlaps else "read"
     try:
         load = estimate_load(spec, model, tier, nbytes, queue=state.loader, remote_gbps=inventory.remote_gbps,
-                             tensors=_tensors(model, states, inventory))
+                             tensors=_tensors(model, states, inventory), tokenizer=parse)
     except EstimateError as exc:
         return Option(spec.name, "unavailable", tier, math.inf, reasons=(str(exc),))
     reasons = [f"load from {tier}: {load.transfer_seconds:.3f} s transfer + {load.queue_seconds:.3f} s queue + "
@@ -315,7 +320,6 @@ def node_option(
         unloads.append(Unload(r.model, r.nbytes, r.idle_seconds))
         free += r.nbytes
     freeing = unload_seconds * len(unloads)
-    overlaps = _fetched_first(model, state)
     if unloads:
         reasons.append(f"unload idle {', '.join(u.model for u in unloads)} to make room")
     if free >= nbytes:

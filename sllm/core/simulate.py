@@ -12,8 +12,9 @@ modelled:
   an SSD read its disk, one load at a time each, a DRAM hit neither; then the load waits
   for room in the memory budget (least recently used idle models unload to make room; it
   waits while models in use hold it) and pays the loader's fixed cost, or the parse of the
-  model's tokenizer where that is longer (``tokenizer_seconds``, the two run side by side; a
-  node keeps the tokenizers of the last ``tokenizer_cache`` models it loaded). DRAM and SSD tiers
+  model's tokenizer where that is longer (the node's ``tokenizer_seconds``, the two run side by
+  side; a node keeps the tokenizers of the last ``tokenizer_cache`` models it loaded, and its
+  state lists them, as ``/status`` does). DRAM and SSD tiers
   evict LRU under their capacities (a load fills both on its way up); the remote is behind
   every node;
 - a resident model serves any number of requests at once (batched): a request takes
@@ -83,8 +84,6 @@ class SimConfig:
         request_seconds: what every request spends outside the engine before its first token
             (the HTTP round trip, tokenization, the first SSE event), beyond the prefill fit,
             which a node measures from submission to its engine (0: not modelled).
-        tokenizer_seconds: a node's parse of a model's tokenizer, seconds, beside the load's
-            fixed cost, when the node holds no tokenizer of that model (0: not modelled).
         tokenizer_cache: tokenizers a node keeps, the last models' it loaded (as ``sllm
             serve``: ``sllm.server.loading.TOKENIZER_CACHE_SIZE``).
     """
@@ -96,7 +95,6 @@ class SimConfig:
     seed: int = 0
     forward_seconds: float = 0.0
     request_seconds: float = 0.0
-    tokenizer_seconds: float = 0.0
     tokenizer_cache: int = 8
 
 
@@ -299,7 +297,8 @@ class _Node:
         budget = None if math.isinf(self.budget) else int(self.budget)
         return NodeState(self.spec.name, max_memory_bytes=budget, resident=tuple(resident), tiers=tiers,
                          loader=loader, prefill=_AnyModel(fit or self.fit), has_remote=True,
-                         decode_seconds_per_token=self.decode, mean_generated_tokens=self.mean_generated)
+                         decode_seconds_per_token=self.decode, mean_generated_tokens=self.mean_generated,
+                         tokenizers=frozenset(self.tokenizers))
 
 
 class Simulation:
@@ -416,7 +415,7 @@ class Simulation:
         node.jobs.append(job)
         resource = {"link": node.link, "disk": node.disk}.get(job.resource or "")
         seconds = estimate_transfer(node.spec, tier, nbytes, remote_gbps=self.inventory.remote_gbps)
-        tokenizer = 0.0 if model in node.tokenizers else self.config.tokenizer_seconds
+        tokenizer = 0.0 if model in node.tokenizers else node.spec.tokenizer_seconds
         fixed = max(fixed_seconds(node.spec, tier), tokenizer)  # the weights' last step beside the tokenizer's parse
         job.work_seconds = seconds + fixed
         try:

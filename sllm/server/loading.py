@@ -104,6 +104,11 @@ class TokenizerCache:
                     self._items.popitem(last=False)
         return tokenizer
 
+    def held(self) -> list[str]:
+        """The model ids whose tokenizer is cached, sorted."""
+        with self._lock:
+            return sorted(self._items)
+
 
 def load_blocking(
     entry: Entry,

@@ -123,8 +123,9 @@ async def status(m: ModelManager) -> dict[str, Any]:
     and the resource each waits for (``waiting_for``: "link", "disk", "memory" or None);
     ``cache``: the tier cache's directory, remote (credentials and query removed) and
     per-tier occupancy (None without a cache); ``budget_wait_seconds``: how long a load waits
-    for room in ``max_memory_bytes`` before it fails (the scheduler plans no longer wait).
-    The tier cache is read in a metadata thread.
+    for room in ``max_memory_bytes`` before it fails (the scheduler plans no longer wait);
+    ``tokenizers``: the models whose tokenizer the node holds (a load of another parses
+    one). The tier cache is read in a metadata thread.
     """
     from sllm.server.models import BUDGET_WAIT_SECONDS
 
@@ -177,6 +178,7 @@ async def status(m: ModelManager) -> dict[str, Any]:
         "keep_alive_seconds": m.config.keep_alive_seconds,
         "max_memory_bytes": m.config.max_memory_bytes,
         "budget_wait_seconds": BUDGET_WAIT_SECONDS,
+        "tokenizers": m.tokenizers.held(),
         "resident_bytes": m.resident_bytes(),
         "reserved_bytes": m.reserved,
         "pool_free_bytes": pool.free_bytes,
