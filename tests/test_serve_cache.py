@@ -159,8 +159,12 @@ def test_without_room_in_dram_the_model_loads_from_ssd(remote_root, local_output
         assert n.status()["last_cold_start"]["tier"] == "remote"
         assert tiers_of(n.url, "gpt2-b") == ["device", "ssd"]
         cli_json("evict", "gpt2-b", "--tier", "device", "--server", n.url)
+        tokenizers = n.app.state.manager.tokenizers
+        tokenizers._items.clear()  # as after a restart: the SSD copy's tokenizer is parsed with the fetch
         assert complete(n, "gpt2-b")[0] == local_outputs["gpt2-b"]
         assert n.status()["last_cold_start"]["tier"] == "ssd"
+        assert (tokenizers.hits, tokenizers.misses) == (1, 2)  # the prefetch parsed it; the load found it
+        assert n.status()["tokenizers"] == ["gpt2-b"]
 
 
 def test_pulls_from_s3_and_local_models_are_served_beside_cached_ones(

@@ -288,3 +288,32 @@ def test_tokenizer_cache_keys_on_side_files_not_weights_and_keeps_the_most_recen
     assert cache.get("a", a) is not t_a and cache.misses == 3
     none = TokenizerCache(capacity=0)
     assert none.get("a", a) is not none.get("a", a)
+
+
+def test_a_prefetched_tokenizer_is_parsed_once_and_a_get_meanwhile_waits_for_it(models_dir, monkeypatch):
+    """The node starts an SSD copy's tokenizer parse with its fetch (prefetch); the load's get
+    that comes while the parse runs waits for it instead of parsing a second time."""
+    import time
+
+    import transformers
+
+    from sllm.server.loading import TokenizerCache
+
+    real, calls = transformers.AutoTokenizer.from_pretrained, []
+
+    def slow(path, *a, **kw):
+        calls.append(path)
+        time.sleep(0.3)
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", slow)
+    cache = TokenizerCache()
+    t = cache.prefetch("gpt2-a", models_dir / "gpt2-a")
+    time.sleep(0.05)
+    got = cache.get("gpt2-a", models_dir / "gpt2-a")  # while the prefetch parses
+    t.join(10)
+    assert len(calls) == 1 and (cache.hits, cache.misses) == (1, 1) and cache.get("gpt2-a", models_dir / "gpt2-a") is got
+    assert TokenizerCache(0).prefetch("gpt2-a", models_dir / "gpt2-a") is None
+    bad = cache.prefetch("nope", models_dir / "missing")  # a failure is left for the load's own get
+    bad.join(10)
+    assert not bad.is_alive() and cache.held() == ["gpt2-a"]

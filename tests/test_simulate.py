@@ -249,19 +249,20 @@ def test_a_first_load_on_a_node_waits_for_the_tokenizer_parse_beside_the_fixed_c
 
     assert SimConfig().tokenizer_cache == TOKENIZER_CACHE_SIZE  # as sllm serve keeps them
     reqs = [req(0, 0.0, "m"), req(1, 20.0, "n"), req(2, 40.0, "m")]
-    sizes = {"m": GB, "n": GB}
-    # the parse (0.3 s) runs beside the fixed cost (0.1 s): SSD 0.525 + 0.3, then prefill 0.11; m's reload from
-    # DRAM after the keep-alive: its tokenizer is held, so 0.1 + 0.1 + 0.11
-    res = Simulation(one_node(tokenizer_seconds=0.3), sizes, reqs, "sllm", CFG).run()
-    assert [r.tier for r in res.records] == ["ssd", "ssd", "dram"]
-    assert [r.ttft_seconds for r in res.records] == pytest.approx([0.935, 0.935, 0.31])
+    sizes, cfg = {"m": GB, "n": GB}, replace_replicas(CFG, 0)
+    # from the remote: the pull (2.025 s), then the parse (0.3 s) beside the fixed cost (0.1 s), then prefill
+    # (0.11 s); m's reload from DRAM after the keep-alive: its tokenizer is held, so 0.1 + 0.1 + 0.11
+    res = Simulation(one_node(tokenizer_seconds=0.3), sizes, reqs, "sllm", cfg).run()
+    assert [r.tier for r in res.records] == ["remote", "remote", "dram"]
+    assert [r.ttft_seconds for r in res.records] == pytest.approx([2.435, 2.435, 0.31])
     assert res.records[0].queued_seconds == pytest.approx(0.0)  # the parse is work, not a queue
-    # a node that keeps one tokenizer parses m's again after n's
-    res = Simulation(one_node(tokenizer_seconds=0.3), sizes, reqs, "sllm", replace(CFG, tokenizer_cache=1)).run()
-    assert [r.ttft_seconds for r in res.records] == pytest.approx([0.935, 0.935, 0.1 + 0.3 + 0.11])
-    # a parse shorter than the fixed cost hides behind it
-    res = Simulation(one_node(tokenizer_seconds=0.05), sizes, reqs, "sllm", CFG).run()
-    assert [r.ttft_seconds for r in res.records] == pytest.approx([0.735, 0.735, 0.31])
     # the scheduler's estimate of each load counts the parse as the simulated node pays it
-    res = Simulation(one_node(tokenizer_seconds=0.3), sizes, reqs, "sllm", CFG).run()
     assert [r.estimate_seconds for r in res.records] == pytest.approx([r.ttft_seconds for r in res.records])
+    # a node that keeps one tokenizer parses m's again after n's, beside the DRAM hit's copy and fixed cost
+    res = Simulation(one_node(tokenizer_seconds=0.3), sizes, reqs, "sllm", replace(cfg, tokenizer_cache=1)).run()
+    assert [r.ttft_seconds for r in res.records] == pytest.approx([2.435, 2.435, 0.3 + 0.11])
+    # a parse shorter than what it runs beside hides: the fixed cost after a pull, the read of an SSD copy
+    res = Simulation(one_node(tokenizer_seconds=0.05), sizes, reqs, "sllm", cfg).run()
+    assert [r.ttft_seconds for r in res.records] == pytest.approx([2.235, 2.235, 0.31])
+    res = Simulation(one_node(tokenizer_seconds=0.3), {"m": GB}, [req(0, 0.0, "m")], "sllm", CFG).run()
+    assert res.records[0].tier == "ssd" and res.records[0].ttft_seconds == pytest.approx(0.735)

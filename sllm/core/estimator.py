@@ -263,11 +263,10 @@ def estimate_load(
         remote_gbps: the inventory's default remote bandwidth.
         tensors: the checkpoint's tensor count (its tensor index), for the per-tensor part of
             the fixed cost; None: as many as the model the profile was measured on.
-        tokenizer: where the node parses the model's tokenizer (``node.tokenizer_seconds``),
-            which ``sllm serve`` runs beside its weights: "fixed" beside the fixed cost (a
-            model of its tier cache, fetched to DRAM first), "read" beside the transfer and
-            the fixed cost (a ``--models`` directory's); None: it holds the tokenizer. The
-            fixed cost grows to cover a longer parse.
+        tokenizer: what the node's parse of the model's tokenizer (``node.tokenizer_seconds``)
+            runs beside (:func:`sllm.core.scheduler.tokenizer_overlap`): "read", the transfer
+            and the fixed cost; "fixed", the fixed cost only (after a remote pull); None: the
+            node holds the tokenizer. The fixed cost grows to cover a longer parse.
 
     Raises:
         EstimateError: the profile lacks a bandwidth the path needs.

@@ -66,9 +66,8 @@ for a model with another tensor count: ``+ seconds_per_tensor * (tensors - probe
 The model's tensor count comes from any node that has its tensor index (a local or SSD copy:
 ``model_tensors`` in its ``/status``); where none has, the probe's count is assumed (no correction).
 ``loader.tokenizer_seconds`` (``load-bench --tiers`` writes it) is what the node pays to parse a
-model's tokenizer when it holds none of that model's (its ``/status`` lists those it holds):
-beside the load's fixed cost for a model of its tier cache, beside the whole read for one of
-its ``--models`` directory; 0 (the default): not counted.
+model's tokenizer when it holds none of that model's (its ``/status`` lists those it holds),
+beside the read of a copy it holds and after a remote pull; 0 (the default): not counted.
 
 It does not estimate or decide: :mod:`sllm.core.estimator` and :mod:`sllm.core.scheduler` do.
 """

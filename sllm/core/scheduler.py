@@ -29,9 +29,10 @@ tier cache is fetched into DRAM first (its queue and transfer) and room is made 
 "unload", "migrate" or "wait" option costs ``max(freeing, queue + transfer) + fixed``; a
 model of a ``--models`` directory reserves its room before it is read, so there the costs
 add up, ``freeing + queue + transfer + fixed``. A node that lists the tokenizers it holds
-(``/status`` ``tokenizers``) and lacks the model's parses one beside the load: the fixed cost
-is at least the node's ``tokenizer_seconds`` (less the transfer, for a ``--models`` model,
-whose read runs beside the parse).
+(``/status`` ``tokenizers``) and lacks the model's parses one beside the load: beside the
+transfer and the fixed cost when the node holds a copy (``--models``, SSD or DRAM), after a
+remote pull beside the fixed cost (:func:`tokenizer_overlap`); the load takes at least the
+node's ``tokenizer_seconds``.
 
 With ``prompt_tokens`` the estimated prefill ``a * tokens + b`` (the node's fit) is added.
 Nodes that are down are listed apart. Ties break deterministically: seconds, then the
@@ -299,7 +300,8 @@ def node_option(
         return Option(spec.name, "unavailable", tier, math.inf,
                       reasons=(f"needs {nbytes} bytes; the node's budget is {budget} bytes",))
     overlaps = _fetched_first(model, state)
-    parse = None if state.tokenizers is None or model in state.tokenizers else "fixed" if overlaps else "read"
+    # the parse runs beside the read of a local, SSD or DRAM copy, and after a remote pull (tokenizer_overlap)
+    parse = None if state.tokenizers is None or model in state.tokenizers else tokenizer_overlap(tier, overlaps)
     try:
         load = estimate_load(spec, model, tier, nbytes, queue=state.loader, remote_gbps=inventory.remote_gbps,
                              tensors=_tensors(model, states, inventory), tokenizer=parse)
@@ -348,6 +350,14 @@ def node_option(
     reasons.append("migrate " + ", ".join(f"{m.model} ({len(m.requests)} request(s)) to {m.destination}" for m in moves))
     return Option(spec.name, "migrate", tier, _freed_then_loaded(freeing, load, overlaps) + prefill, load, tuple(unloads),
                   tuple(moves), freeing, prefill, tuple(reasons))
+
+
+def tokenizer_overlap(tier: str, fetched_first: bool) -> str:
+    """What a tokenizer's parse runs beside in ``sllm serve``, as :func:`estimate_load`'s
+    ``tokenizer`` takes it: "read" (the transfer and the fixed cost) for a ``--models`` copy,
+    an SSD copy (the node starts the parse with the fetch) or a DRAM hit; "fixed" (the fixed
+    cost only) after a pull from the remote (the tokenizer files arrive with the pull)."""
+    return "fixed" if fetched_first and tier == "remote" else "read"
 
 
 def _fetched_first(model: str, state: NodeState) -> bool:

@@ -11,10 +11,11 @@ modelled:
 - each node queues loads per resource as ``sllm serve`` does: a remote pull holds its link,
   an SSD read its disk, one load at a time each, a DRAM hit neither; then the load waits
   for room in the memory budget (least recently used idle models unload to make room; it
-  waits while models in use hold it) and pays the loader's fixed cost, or the parse of the
-  model's tokenizer where that is longer (the node's ``tokenizer_seconds``, the two run side by
-  side; a node keeps the tokenizers of the last ``tokenizer_cache`` models it loaded, and its
-  state lists them, as ``/status`` does). DRAM and SSD tiers
+  waits while models in use hold it) and pays the loader's fixed cost; the parse of the model's
+  tokenizer (the node's ``tokenizer_seconds``) runs beside the transfer and that cost (after it,
+  beside the fixed cost only, for a remote pull: :func:`sllm.core.scheduler.tokenizer_overlap`)
+  where the node holds none of the model's (it keeps the last ``tokenizer_cache`` models', and
+  its state lists them, as ``/status`` does). DRAM and SSD tiers
   evict LRU under their capacities (a load fills both on its way up); the remote is behind
   every node;
 - a resident model serves any number of requests at once (batched): a request takes
@@ -57,7 +58,7 @@ from sllm.core.inventory import (
     RunningRequest,
     TierSpec,
 )
-from sllm.core.scheduler import Option, plan
+from sllm.core.scheduler import Option, plan, tokenizer_overlap
 from sllm.core.workload import Request
 from sllm.errors import UsageError
 
@@ -415,8 +416,8 @@ class Simulation:
         node.jobs.append(job)
         resource = {"link": node.link, "disk": node.disk}.get(job.resource or "")
         seconds = estimate_transfer(node.spec, tier, nbytes, remote_gbps=self.inventory.remote_gbps)
-        tokenizer = 0.0 if model in node.tokenizers else node.spec.tokenizer_seconds
-        fixed = max(fixed_seconds(node.spec, tier), tokenizer)  # the weights' last step beside the tokenizer's parse
+        parse = 0.0 if model in node.tokenizers else node.spec.tokenizer_seconds  # beside the load, as the node
+        fixed = max(fixed_seconds(node.spec, tier), parse - (seconds if tokenizer_overlap(tier, True) == "read" else 0.0))
         job.work_seconds = seconds + fixed
         try:
             if resource is None:  # a DRAM hit queues for nothing

@@ -68,15 +68,36 @@ class TokenizerCache:
 
     A model's new files (a reconversion, a new tokenizer) give a new digest, hence a fresh
     load. Each model id keeps one tokenizer; it is used by one resident copy at a time (a node
-    never holds two loads of one model). Thread-safe.
+    never holds two loads of one model). Thread-safe; one parse per model at a time, so a
+    load that asks while :meth:`prefetch` parses waits for that parse.
     """
 
     def __init__(self, capacity: int = TOKENIZER_CACHE_SIZE) -> None:
         self.capacity = max(0, int(capacity))
         self._items: OrderedDict[str, tuple[str, Any]] = OrderedDict()
         self._lock = threading.Lock()
+        self._parsing: dict[str, threading.Lock] = {}  # model id -> held while its tokenizer is got
         self.hits = 0
         self.misses = 0
+
+    def prefetch(self, model_id: str, path: Path) -> threading.Thread | None:
+        """Parse ``model_id``'s tokenizer from ``path`` in a thread of its own (after importing
+        its architecture's code, :func:`~sllm.server.warmup.import_model_code`), so that a
+        cold start's :meth:`get` finds it; a failure is left for that :meth:`get` to meet.
+        Returns the thread, or None when nothing is kept (``capacity`` 0)."""
+        if not self.capacity:
+            return None
+
+        def run() -> None:
+            try:
+                import_model_code(path)
+                self.get(model_id, path)
+            except Exception:  # noqa: BLE001 - the load's own get() parses again and reports it
+                pass
+
+        t = threading.Thread(target=run, name=f"sllm-tokenizer-prefetch-{model_id}", daemon=True)
+        t.start()
+        return t
 
     def get(self, model_id: str, path: Path) -> Any:
         """The tokenizer of ``model_id`` loaded from ``path`` (``AutoTokenizer.from_pretrained``),
@@ -87,22 +108,26 @@ class TokenizerCache:
         """
         from transformers import AutoTokenizer
 
-        digest = side_files_digest(path) if self.capacity else ""
+        if not self.capacity:
+            return AutoTokenizer.from_pretrained(path)
         with self._lock:
-            held = self._items.get(model_id)
-            if held is not None and held[0] == digest:
-                self._items.move_to_end(model_id)
-                self.hits += 1
-                return held[1]
-            self.misses += 1
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        if self.capacity:
+            parsing = self._parsing.setdefault(model_id, threading.Lock())
+        with parsing:
+            digest = side_files_digest(path)
+            with self._lock:
+                held = self._items.get(model_id)
+                if held is not None and held[0] == digest:
+                    self._items.move_to_end(model_id)
+                    self.hits += 1
+                    return held[1]
+                self.misses += 1
+            tokenizer = AutoTokenizer.from_pretrained(path)
             with self._lock:
                 self._items[model_id] = (digest, tokenizer)
                 self._items.move_to_end(model_id)
                 while len(self._items) > self.capacity:
                     self._items.popitem(last=False)
-        return tokenizer
+            return tokenizer
 
     def held(self) -> list[str]:
         """The model ids whose tokenizer is cached, sorted."""

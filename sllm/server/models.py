@@ -69,8 +69,8 @@ log = logging.getLogger("sllm.server")
 
 #: How long a load waits for leased models to go idle when the budget is full, seconds.
 BUDGET_WAIT_SECONDS = 120.0
-#: How long a request for a name that no local tier holds waits for the remote to say whether
-#: it has that model, seconds; past it the request gets a 503 (the remote is too slow to tell).
+#: How long a request for a name no local tier holds waits for the remote to say whether it has
+#: it, seconds; past it the request gets a 503.
 REMOTE_LOOKUP_SECONDS = 10.0
 
 T = TypeVar("T")
@@ -83,8 +83,7 @@ class ModelManager:
         config: the node's :class:`ServeConfig`.
         clock: monotonic seconds (injectable for tests); default ``time.monotonic``.
         loader: ``loader(path, config, pool) -> model`` in a worker thread; default
-            :func:`sllm.core.loader.load_model`. ``release(model)`` undoes it (default
-            :func:`sllm.core.loader.release`).
+            :func:`sllm.core.loader.load_model`; ``release(model)`` undoes it.
 
     Use from one event loop: :meth:`start`, then :meth:`acquire`/:meth:`release` per
     request, :meth:`close` at shutdown. The constructor scans the catalogue (blocking).
@@ -244,7 +243,6 @@ class ModelManager:
         return sum(e.resident.nbytes + e.resident.kv_bytes for e in self.entries.values() if e.resident is not None)
 
     # -- the device tier ------------------------------------------------------------------
-
     async def evict(self, model_id: str) -> int:
         """Unload a resident, idle, unpinned model now; returns the bytes freed.
 
@@ -373,6 +371,8 @@ class ModelManager:
             else:
                 assert self.tiers is not None
                 where = await self.in_meta(self.tiers.local_tier, entry.model_id)
+                if where == "ssd":  # the tokenizer's parse beside the fetch to DRAM, not after it
+                    self.tokenizers.prefetch(entry.model_id, self.tiers.cache.ssd.path_of(entry.model_id))
                 phase = "pull"
                 resource = {"dram": None, "ssd": "disk"}.get(where, "link")
                 async with self._queued(entry, resource) if resource else contextlib.nullcontext():
