@@ -180,6 +180,11 @@ def warm(nodes: Nodes) -> None:
         httpx.post(nodes.url(n) + "/v1/cache/calib/evict", timeout=30)
 
 
+#: Warm requests straight to node a and through node b, in turns, for the hop and a request's own way
+#: (a 2-core VM's speed drifts by a third over seconds; five of each, one after the other, were not enough).
+CALIBRATION_PAIRS = 15
+
+
 def calibrate(nodes: Nodes, nbytes: int) -> dict:
     """The node profile from one node's own cold starts of ``calib`` and its /status fits (after one
     untimed cold start on every node, which warms them as nodes that have been serving are)."""
@@ -212,8 +217,9 @@ def calibrate(nodes: Nodes, nbytes: int) -> dict:
     st = httpx.get(url + "/status", timeout=30).json()
     fit, engine = st["prefill_fit"]["calib"], st["engine"]
     prompt = [(7 * i) % 50000 for i in range(64)]
-    direct = statistics.median(complete(url, "calib", prompt, 2, pin) for _ in range(5))
-    via = statistics.median(complete(nodes.url("b"), "calib", prompt, 2) for _ in range(5))  # b forwards to a
+    pairs = [(complete(url, "calib", prompt, 2, pin), complete(nodes.url("b"), "calib", prompt, 2))  # b forwards to a
+             for _ in range(CALIBRATION_PAIRS)]  # in turns, so a drift of the machine's speed shows in both
+    direct, via = statistics.median(d for d, _ in pairs), statistics.median(v for _, v in pairs)
     httpx.post(url + "/v1/cache/calib/evict", timeout=30)  # every tier: the trace starts from empty caches
     # the calibration's cold starts do not show the tokenizer's parse (node a parsed calib's at its warm-up
     # and kept it); the trace's first load of each model on each node pays it
