@@ -57,33 +57,30 @@ def test_load_bench_tiers_writes_profile(tiny_sllm_gpt2, tmp_path):
     assert not list(tmp_path.glob("ssd/.sllm-tmp-*"))  # the probe cache and probe file are gone
 
 
-def test_a_profile_whose_layer_copies_do_not_build_has_no_per_tensor_cost(tiny_sllm_gpt2, tmp_path, monkeypatch, caplog):
-    from sllm.core import loadpath, profile
+@pytest.mark.parametrize("module, measure, exc, logged, field, key", [
+    ("loadpath", "measure_tensor_cost", ValueError("no such layer count"), "no per-tensor load cost",
+     "seconds_per_tensor", "seconds_per_tensor"),
+    ("profile", "measure_tokenizer_seconds", OSError("Can't load tokenizer"), "no tokenizer parse time",
+     "tokenizer_seconds", "tokenizer_seconds"),
+])
+def test_a_profile_whose_refinement_fails_is_whole_without_it(tiny_sllm_gpt2, tmp_path, monkeypatch, caplog,
+                                                               module, measure, exc, logged, field, key):
+    """The per-tensor cost (its 1- and 4-layer copies do not build) and the tokenizer's parse
+    (it does not parse) are refinements: without them the profile has every tier, and says why."""
+    import importlib
 
-    def broken(*a, **kw):
-        raise ValueError("no such layer count")
-
-    monkeypatch.setattr(loadpath, "measure_tensor_cost", broken)
-    local = tmp_path / "ssd" / "tiny"
-    shutil.copytree(tiny_sllm_gpt2, local)
-    node, loads = profile.profile_node(local, runs=1)
-    assert node.seconds_per_tensor is None and [t.tier for t in loads] == ["ssd", "dram"]
-    assert "no per-tensor load cost" in caplog.text and "no such layer count" in caplog.text
-    assert "seconds_per_tensor" not in node.to_toml_dict()["node"]["loader"]
-
-
-def test_a_profile_whose_tokenizer_does_not_parse_has_no_parse_time(tiny_sllm_gpt2, tmp_path, monkeypatch, caplog):
     from sllm.core import profile
 
     def broken(*a, **kw):
-        raise OSError("Can't load tokenizer")
+        raise exc
 
-    monkeypatch.setattr(profile, "measure_tokenizer_seconds", broken)
+    monkeypatch.setattr(importlib.import_module(f"sllm.core.{module}"), measure, broken)
     local = tmp_path / "ssd" / "tiny"
     shutil.copytree(tiny_sllm_gpt2, local)
-    node, _ = profile.profile_node(local, runs=1)
-    assert node.tokenizer_seconds is None and "no tokenizer parse time" in caplog.text
-    assert "tokenizer_seconds" not in node.to_toml_dict()["node"]["loader"]
+    node, loads = profile.profile_node(local, runs=1)
+    assert getattr(node, field) is None and [t.tier for t in loads] == ["ssd", "dram"]
+    assert logged in caplog.text and str(exc) in caplog.text
+    assert key not in node.to_toml_dict()["node"]["loader"]
 
 
 def test_measure_ssd_picks_the_best_thread_count(tmp_path):

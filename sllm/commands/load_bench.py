@@ -275,9 +275,9 @@ def _tiers(model_dir: Path, hf_dir: Path | None, work_dir: Path | None, device: 
     table(f"{prepared.sllm_dir.name}: model ready from each tier ({device}), = fixed + bytes / load GB/s",
           ["tier", "seconds", "GB/s", "fixed s", "load GB/s", "how"],
           [[t.tier, t.seconds, t.gbps, t.fixed_seconds, t.load_gbps if t.load_gbps else "-", t.detail] for t in loads])
-    per_tensor = (f"; {node.seconds_per_tensor * 1e6:.1f} us per tensor ({node.probe_tensors} in this model)"
-                  if node.seconds_per_tensor is not None else "")
+    extra = (f"; {node.seconds_per_tensor * 1e6:.1f} us per tensor ({node.probe_tensors} in this model)"
+             if node.seconds_per_tensor is not None else "")
     if node.tokenizer_seconds is not None:
-        per_tensor += f"; its tokenizer parses in {node.tokenizer_seconds:.3f} s"
-    print(f"loader fixed cost per load: {node.loader_fixed_seconds:.3f} s{per_tensor}; profile written to "
+        extra += f"; its tokenizer parses in {node.tokenizer_seconds:.3f} s"
+    print(f"loader fixed cost per load: {node.loader_fixed_seconds:.3f} s{extra}; profile written to "
           f"{profile_path}", file=sys.stderr)

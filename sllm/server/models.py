@@ -69,8 +69,7 @@ log = logging.getLogger("sllm.server")
 
 #: How long a load waits for leased models to go idle when the budget is full, seconds.
 BUDGET_WAIT_SECONDS = 120.0
-#: How long a request for a name no local tier holds waits for the remote to say whether it has
-#: it, seconds; past it the request gets a 503.
+#: Seconds a request for a name no local tier holds waits for the remote to say if it has it (then a 503).
 REMOTE_LOOKUP_SECONDS = 10.0
 
 T = TypeVar("T")
@@ -243,6 +242,7 @@ class ModelManager:
         return sum(e.resident.nbytes + e.resident.kv_bytes for e in self.entries.values() if e.resident is not None)
 
     # -- the device tier ------------------------------------------------------------------
+
     async def evict(self, model_id: str) -> int:
         """Unload a resident, idle, unpinned model now; returns the bytes freed.
 
