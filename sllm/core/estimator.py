@@ -241,6 +241,20 @@ def queue_seconds(node: NodeSpec, jobs: Iterable[LoaderJob], *, remote_gbps: flo
     return total
 
 
+def tokenizer_overlap(tier: str, fetched_first: bool) -> str:
+    """What a tokenizer's parse runs beside in ``sllm serve``, as :func:`estimate_load`'s
+    ``tokenizer`` takes it: "read" (the transfer and the fixed cost) for a ``--models`` copy,
+    an SSD copy (the node starts the parse with the fetch) or a DRAM hit; "fixed" (the fixed
+    cost only) after a pull from the remote (the tokenizer files arrive with the pull)."""
+    return "fixed" if fetched_first and tier == "remote" else "read"
+
+
+def covering_parse(fixed: float, parse: float, transfer: float, beside: str) -> float:
+    """A load's fixed cost, seconds, grown to cover a tokenizer parse of ``parse`` seconds
+    that runs beside it ("fixed") or beside the ``transfer`` and it ("read")."""
+    return max(fixed, parse - (transfer if beside == "read" else 0.0))
+
+
 def estimate_load(
     node: NodeSpec,
     model: str,
@@ -264,7 +278,7 @@ def estimate_load(
         tensors: the checkpoint's tensor count (its tensor index), for the per-tensor part of
             the fixed cost; None: as many as the model the profile was measured on.
         tokenizer: what the node's parse of the model's tokenizer (``node.tokenizer_seconds``)
-            runs beside (:func:`sllm.core.scheduler.tokenizer_overlap`): "read", the transfer
+            runs beside (:func:`tokenizer_overlap`): "read", the transfer
             and the fixed cost; "fixed", the fixed cost only (after a remote pull); None: the
             node holds the tokenizer. The fixed cost grows to cover a longer parse.
 
@@ -279,7 +293,7 @@ def estimate_load(
     queued = queue_seconds(node, queue, remote_gbps=remote_gbps, tier=tier)
     fixed = fixed_seconds(node, tier, tensors)
     if tokenizer is not None:
-        fixed = max(fixed, node.tokenizer_seconds - (transfer if tokenizer == "read" else 0.0))
+        fixed = covering_parse(fixed, node.tokenizer_seconds, transfer, tokenizer)
     return LoadEstimate(node.name, model, tier, nbytes, stages, node.pipelined, chunks, transfer, queued, fixed,
                         queued + transfer + fixed)
 

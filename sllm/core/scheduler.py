@@ -31,7 +31,7 @@ model of a ``--models`` directory reserves its room before it is read, so there 
 add up, ``freeing + queue + transfer + fixed``. A node that lists the tokenizers it holds
 (``/status`` ``tokenizers``) and lacks the model's parses one beside the load: beside the
 transfer and the fixed cost when the node holds a copy (``--models``, SSD or DRAM), after a
-remote pull beside the fixed cost (:func:`tokenizer_overlap`); the load takes at least the
+remote pull beside the fixed cost (:func:`sllm.core.estimator.tokenizer_overlap`); the load takes at least the
 node's ``tokenizer_seconds``.
 
 With ``prompt_tokens`` the estimated prefill ``a * tokens + b`` (the node's fit) is added.
@@ -59,6 +59,7 @@ from sllm.core.estimator import (
     estimate_migration,
     prefill_seconds,
     queue_seconds,
+    tokenizer_overlap,
 )
 from sllm.core.inventory import Inventory, NodeSpec, NodeState
 from sllm.errors import SchedulingError
@@ -300,7 +301,7 @@ def node_option(
         return Option(spec.name, "unavailable", tier, math.inf,
                       reasons=(f"needs {nbytes} bytes; the node's budget is {budget} bytes",))
     overlaps = _fetched_first(model, state)
-    # the parse runs beside the read of a local, SSD or DRAM copy, and after a remote pull (tokenizer_overlap)
+    # the parse runs beside the read of a local, SSD or DRAM copy, and after a remote pull (estimator.tokenizer_overlap)
     parse = None if state.tokenizers is None or model in state.tokenizers else tokenizer_overlap(tier, overlaps)
     try:
         load = estimate_load(spec, model, tier, nbytes, queue=state.loader, remote_gbps=inventory.remote_gbps,
@@ -350,14 +351,6 @@ def node_option(
     reasons.append("migrate " + ", ".join(f"{m.model} ({len(m.requests)} request(s)) to {m.destination}" for m in moves))
     return Option(spec.name, "migrate", tier, _freed_then_loaded(freeing, load, overlaps) + prefill, load, tuple(unloads),
                   tuple(moves), freeing, prefill, tuple(reasons))
-
-
-def tokenizer_overlap(tier: str, fetched_first: bool) -> str:
-    """What a tokenizer's parse runs beside in ``sllm serve``, as :func:`estimate_load`'s
-    ``tokenizer`` takes it: "read" (the transfer and the fixed cost) for a ``--models`` copy,
-    an SSD copy (the node starts the parse with the fetch) or a DRAM hit; "fixed" (the fixed
-    cost only) after a pull from the remote (the tokenizer files arrive with the pull)."""
-    return "fixed" if fetched_first and tier == "remote" else "read"
 
 
 def _fetched_first(model: str, state: NodeState) -> bool:

@@ -13,7 +13,7 @@ modelled:
   for room in the memory budget (least recently used idle models unload to make room; it
   waits while models in use hold it) and pays the loader's fixed cost; the parse of the model's
   tokenizer (the node's ``tokenizer_seconds``) runs beside the transfer and that cost (after it,
-  beside the fixed cost only, for a remote pull: :func:`sllm.core.scheduler.tokenizer_overlap`)
+  beside the fixed cost only, for a remote pull: :func:`sllm.core.estimator.tokenizer_overlap`)
   where the node holds none of the model's (it keeps the last ``tokenizer_cache`` models', and
   its state lists them, as ``/status`` does). DRAM and SSD tiers
   evict LRU under their capacities (a load fills both on its way up); the remote is behind
@@ -46,7 +46,15 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sllm.core.estimator import DEFAULT_FIT, estimate_migration, estimate_transfer, fixed_seconds, prefill_seconds
+from sllm.core.estimator import (
+    DEFAULT_FIT,
+    covering_parse,
+    estimate_migration,
+    estimate_transfer,
+    fixed_seconds,
+    prefill_seconds,
+    tokenizer_overlap,
+)
 from sllm.core.inventory import (
     RESOURCE_OF,
     Inventory,
@@ -58,7 +66,7 @@ from sllm.core.inventory import (
     RunningRequest,
     TierSpec,
 )
-from sllm.core.scheduler import Option, plan, tokenizer_overlap
+from sllm.core.scheduler import Option, plan
 from sllm.core.workload import Request
 from sllm.errors import UsageError
 
@@ -417,7 +425,7 @@ class Simulation:
         resource = {"link": node.link, "disk": node.disk}.get(job.resource or "")
         seconds = estimate_transfer(node.spec, tier, nbytes, remote_gbps=self.inventory.remote_gbps)
         parse = 0.0 if model in node.tokenizers else node.spec.tokenizer_seconds  # beside the load, as the node
-        fixed = max(fixed_seconds(node.spec, tier), parse - (seconds if tokenizer_overlap(tier, True) == "read" else 0.0))
+        fixed = covering_parse(fixed_seconds(node.spec, tier), parse, seconds, tokenizer_overlap(tier, True))
         job.work_seconds = seconds + fixed
         try:
             if resource is None:  # a DRAM hit queues for nothing
