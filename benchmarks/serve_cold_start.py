@@ -8,7 +8,8 @@ shape from :mod:`sllm.zoo`; ``--arch opt-tiny`` for a quick check), with the sam
 request (prompt, ``--max-tokens``) everywhere:
 
 - **sllm serve, cold**: a fresh ``sllm serve`` process whose transformers code is already
-  imported (``/status`` ``imports_ready``) but whose model is not resident, page cache of
+  imported and whose memory pool is reserved (``/status`` ``imports_ready``, ``pool_ready``;
+  with default flags it reserves the largest model's buffers) but whose model is not resident, page cache of
   the partition files evicted; the time from sending the streaming request to its first
   token, so it holds the HTTP round trip, the load (sllm loader) and the prefill.
 - **sllm serve, warm**: the same request again, model resident.

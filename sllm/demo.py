@@ -88,15 +88,19 @@ def start_server(
 
 
 def wait_ready(url: str, timeout_seconds: float = STARTUP_SECONDS) -> None:
-    """Wait until the server has imported the model code (it does so once, at start), so
-    that the cold request measures a cold *model* on a running node."""
+    """Wait until the server has imported the model code and reserved its memory pool (it
+    does both once, at start, in the background), so that the cold request measures a cold
+    *model* on a running node."""
     from sllm.client import NodeClient
 
     deadline = time.monotonic() + timeout_seconds
     with NodeClient(url) as client:
-        while not client.status()["imports_ready"]:
+        while True:
+            state = client.status()
+            if state["imports_ready"] and state["pool_ready"]:
+                return
             if time.monotonic() > deadline:
-                raise RuntimeError("sllm serve did not finish importing the model code")
+                raise RuntimeError("sllm serve did not finish its start (model code, memory pool)")
             time.sleep(0.1)
 
 

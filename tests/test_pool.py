@@ -274,9 +274,32 @@ def test_reservation_plan_for_a_budget(models_dir):
     # rounded to 2 MiB: 10 + 2 for the largest, then 6 does not fit in 16, 4 does
     assert plan_reservation([[3 * MiB], [9 * MiB, 1 * MiB], [5 * MiB]], 16 * MiB) == [9 * MiB, 1 * MiB, 3 * MiB]
     assert plan_reservation([[64 * MiB]], 16 * MiB) == []
+    assert plan_reservation([[3 * MiB], [9 * MiB, 1 * MiB], [5 * MiB]], 1 << 40, max_models=1) == [9 * MiB, 1 * MiB]
     sizes = reservation_for([models_dir / "gpt2-a", models_dir / "gpt2-b", models_dir / "missing"], 1 << 40)
     one = open_checkpoint(models_dir / "gpt2-a").manifest.partitions[0].nbytes
     assert sizes == [one, one]
     pool = HostMemoryPool(pinned=False)
     pool.reserve_async(lambda: reservation_for([models_dir / "gpt2-a"], round_up(one))).result(timeout=60)
     assert pool.stats().free_bytes == round_up(one)
+
+
+def test_without_a_budget_the_reservation_is_the_largest_model_that_fits_half_the_available_memory(
+    tiny_hf_gpt2, tmp_path, monkeypatch
+):
+    from types import SimpleNamespace
+
+    import psutil
+
+    from sllm.core.convert import convert
+    from sllm.core.loader import reservation_for
+
+    convert(tiny_hf_gpt2, tmp_path / "fp32")
+    convert(tiny_hf_gpt2, tmp_path / "fp16", dtype="float16")
+    fp32, fp16 = (open_checkpoint(tmp_path / d).manifest.partitions[0].nbytes for d in ("fp32", "fp16"))
+    assert fp16 < fp32
+    dirs = [tmp_path / "fp16", tmp_path / "fp32", tmp_path / "missing"]
+    assert reservation_for(dirs, None) == [fp32]  # one model, the largest, not both
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=2 * fp32 - 1))
+    assert reservation_for(dirs, None) == [fp16]  # the largest that fits half the available memory
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=fp16))
+    assert reservation_for(dirs, None) == []

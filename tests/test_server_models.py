@@ -47,6 +47,30 @@ def test_concurrent_acquires_share_one_load(models_dir):
     asyncio.run(scenario())
 
 
+def test_a_node_without_a_budget_reserves_one_model_at_start_and_its_first_load_reads_into_it(models_dir, monkeypatch):
+    from sllm.core.partitions import PAGE_CACHE_ENV
+    from sllm.io.hostmem import round_up
+
+    # a cold read, not a mapping of the file's cached pages (which other tests' loads may keep mapped)
+    monkeypatch.setenv(PAGE_CACHE_ENV, "0")
+
+    nbytes = round_up(open_checkpoint(models_dir / "gpt2-a").manifest.partitions[0].nbytes)  # both models' size
+
+    async def scenario():
+        m = _manager(models_dir)
+        m.start()
+        await asyncio.wrap_future(m.reservation)
+        st = await m.status()
+        assert st["pool_ready"] and st["pool_free_bytes"] == nbytes  # one model's buffers, not both
+        lease = await m.acquire("gpt2-a")
+        stats = m.pool.stats()
+        assert stats.allocations == 1 and stats.reuses == 1 and stats.free_bytes == 0  # the reserved buffer
+        m.release(lease)
+        await m.close()
+
+    asyncio.run(scenario())
+
+
 def test_keep_alive_unloads_idle_models_only(models_dir):
     async def scenario():
         clock = FakeClock()

@@ -208,7 +208,10 @@ def serve(
     (concurrent requests share that one load); the response header x-sllm-load-seconds
     says how long it waited (0 when warm). Models idle for --keep-alive seconds are
     unloaded; the node keeps the tokenizers of the last 8 models it loaded, so a reload does
-    not parse them again. Routes: POST /v1/completions, POST /v1/chat/completions (stream: true for
+    not parse them again. At start the node faults in host memory for its models in the
+    background (what --max-memory or --dram-capacity holds, largest models first; without
+    either, the largest model's size if it fits half the available memory), so that a cold
+    start reads into touched memory; /status says pool_ready when that is done. Routes: POST /v1/completions, POST /v1/chat/completions (stream: true for
     Server-Sent Events), GET /v1/models, GET /status, GET /health, and under /v1/cache
     (--admin-key) the tiers: list, pin, evict, pull, and POST /v1/cache/MODEL/load, which
     loads MODEL onto the device as a cold request would (schedule-plan --apply) and answers

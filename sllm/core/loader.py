@@ -409,9 +409,21 @@ def load_model_from_host(held: HostPartitions, device: str | torch.device = "cpu
     return model
 
 
-def reservation_for(model_dirs: list[str | os.PathLike[str]], budget: int) -> list[int]:
-    """The buffer sizes a node with ``budget`` bytes of host memory reserves for these
-    checkpoints (:func:`sllm.core.pool.plan_reservation`); unreadable ones are skipped.
+#: Share of the host memory available at start that a node with no memory budget reserves
+#: at most (for its largest model).
+DEFAULT_RESERVATION_SHARE = 0.5
+
+
+def reservation_for(model_dirs: list[str | os.PathLike[str]], budget: int | None) -> list[int]:
+    """The buffer sizes, bytes, a node reserves for these checkpoints
+    (:func:`sllm.core.pool.plan_reservation`); unreadable ones are skipped.
+
+    With ``budget`` (bytes of host memory) the largest models first, while they fit it.
+    Without one (None: the node has no ``--max-memory`` or DRAM tier), the one largest
+    model that fits :data:`DEFAULT_RESERVATION_SHARE` of the memory available now
+    (``psutil.virtual_memory().available``): its first cold start then reads into touched
+    memory, which is what the node would hold after that model's first load anyway.
+
     Pass it to :meth:`HostMemoryPool.reserve_async` as ``lambda: reservation_for(dirs, budget)``."""
     from sllm.core.pool import plan_reservation
     from sllm.errors import SllmError
@@ -422,7 +434,12 @@ def reservation_for(model_dirs: list[str | os.PathLike[str]], budget: int) -> li
             models.append([p.nbytes for p in open_checkpoint(d).manifest.partitions])
         except SllmError:
             continue
-    return plan_reservation(models, budget)
+    if budget is not None:
+        return plan_reservation(models, budget)
+    import psutil
+
+    available = int(psutil.virtual_memory().available * DEFAULT_RESERVATION_SHARE)
+    return plan_reservation(models, available, max_models=1)
 
 
 def report_of(obj: Any) -> LoadReport:

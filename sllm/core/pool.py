@@ -17,6 +17,7 @@ collected, reference cycles included). The pool does not know what the bytes mea
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import re
 import threading
@@ -33,6 +34,8 @@ POOL_CAPACITY_ENV = "SLLM_POOL_CAPACITY"
 #: Default idle capacity of the process-wide pool, bytes: 4 GiB, or a quarter of physical
 #: memory when that is less. A library user who drops every model holds at most this.
 DEFAULT_IDLE_CAPACITY = 4 * 2**30
+
+log = logging.getLogger("sllm.pool")
 
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 
@@ -299,15 +302,16 @@ class HostMemoryPool:
     def reserve_async(self, sizes: list[int] | Callable[[], list[int]]) -> Future[None]:
         """:meth:`reserve` in a background thread; returns at once. ``sizes`` may be a
         function that computes them (called in that thread, e.g. opening checkpoints). The
-        future completes when every buffer is faulted in (its exception: a
-        :class:`CacheError` or an allocation failure). Loads meanwhile proceed as without a
-        reservation."""
+        future completes when every buffer is faulted in (its exception, also logged as a
+        warning: a :class:`CacheError` or an allocation failure). Loads meanwhile proceed as
+        without a reservation."""
         fut: Future[None] = Future()
 
         def run() -> None:
             try:
                 self.reserve(sizes() if callable(sizes) else sizes)
             except BaseException as exc:  # noqa: BLE001 - handed to the future
+                log.warning("reserving the host memory pool failed (loads allocate as they go): %s", exc)
                 fut.set_exception(exc)
             else:
                 fut.set_result(None)
@@ -338,16 +342,18 @@ class HostMemoryPool:
             )
 
 
-def plan_reservation(models: Iterable[Sequence[int]], budget: int) -> list[int]:
+def plan_reservation(models: Iterable[Sequence[int]], budget: int, *, max_models: int | None = None) -> list[int]:
     """Buffer sizes to reserve for a node: the partition sizes of each model (bytes, one
-    sequence per model), largest model first, while their rounded total fits ``budget``."""
+    sequence per model), largest model first, while their rounded total fits ``budget``
+    and at most ``max_models`` models are taken (None: no limit)."""
     sizes: list[int] = []
-    used = 0
+    used = taken = 0
     for parts in sorted(models, key=sum, reverse=True):
         need = sum(round_up(n) for n in parts)
-        if used + need <= budget:
+        if used + need <= budget and (max_models is None or taken < max_models):
             sizes.extend(parts)
             used += need
+            taken += 1
     return sizes
 
 

@@ -38,7 +38,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -60,7 +60,7 @@ from sllm.server.state import (  # noqa: F401 - re-exported: the lifecycle's pub
     ShuttingDown,
     TierConflict,
 )
-from sllm.server.warmup import freeze_heap, import_model_code, warm_device
+from sllm.server.warmup import freeze_heap, warm_up
 
 if TYPE_CHECKING:
     from sllm.server.tiers import Fetched, NodeTiers
@@ -127,6 +127,7 @@ class ModelManager:
         self._meta_threads = ThreadPoolExecutor(2, thread_name_prefix="sllm-meta")
         self._reaper: asyncio.Task | None = None
         self.warm: asyncio.Future | None = None
+        self.reservation: Future[None] | None = None  # the pool's background reservation (start)
         self.started = clock()
         self.last_cold: ColdStart | None = None
         self.counters = {"requests": 0, "warm_requests": 0, "loads": 0, "load_failures": 0, "unloads": 0}
@@ -549,27 +550,25 @@ class ModelManager:
                 log.exception("unloading idle models failed")
 
     def start(self) -> None:
-        """Start the keep-alive reaper (on the running loop) and, in a thread, import the
-        models' transformers code so that the first cold start does not pay it (about 2 s
-        per architecture; DESIGN.md)."""
+        """Start the keep-alive reaper (on the running loop) and, in the background, the
+        warm-up (:func:`warm_up`: the models' transformers code, about 2 s per architecture,
+        DESIGN.md) and the pool's reservation: what the budget holds, or without one the
+        largest model (:func:`sllm.core.loader.reservation_for`), so that cold starts read
+        into touched memory (a first touch costs as much as the read on small machines)."""
+        from sllm.core.loader import reservation_for
+
         loop = asyncio.get_running_loop()
         self._reaper = loop.create_task(self._reap_forever())
         paths = [e.path for e in self.entries.values() if e.path is not None]
         cache_ids = [mid for mid, e in self.entries.items() if e.kind == "cache"]
         ssd = self.tiers.cache.ssd if self.tiers is not None else None
 
-        def warm() -> None:
-            for p in paths + ([ssd.path_of(mid) for mid in cache_ids if ssd.has(mid)] if ssd is not None else []):
-                import_model_code(p)
-            warm_device(self.config.device)
-            freeze_heap()
+        def dirs() -> list[Path]:  # the models' checkpoints on local disk
+            return paths + ([ssd.path_of(mid) for mid in cache_ids if ssd.has(mid)] if ssd is not None else [])
 
-        self.warm = loop.run_in_executor(self._meta_threads, warm)
-        budget = self.config.max_memory_bytes or (self.config.cache.dram_capacity_bytes if self.config.cache else 0)
-        if budget:  # fault the pool in now, in the background, so cold starts read into touched memory
-            from sllm.core.loader import reservation_for
-
-            self.pool.reserve_async(lambda: reservation_for(paths, budget))
+        self.warm = loop.run_in_executor(self._meta_threads, warm_up, dirs, self.config.device)
+        budget = self.config.max_memory_bytes or (self.config.cache.dram_capacity_bytes if self.config.cache else None)
+        self.reservation = self.pool.reserve_async(lambda: reservation_for(dirs(), budget))
 
     async def close(self) -> None:
         """Stop the reaper and unload every model (requests still running end "cancelled")."""

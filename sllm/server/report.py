@@ -174,6 +174,7 @@ async def status(m: ModelManager) -> dict[str, Any]:
         "uptime_seconds": now - m.started,
         "device": m.config.device,
         "imports_ready": m.warm is not None and m.warm.done(),
+        "pool_ready": m.reservation is None or m.reservation.done(),
         "draining": m.closing.is_set(),
         "keep_alive_seconds": m.config.keep_alive_seconds,
         "max_memory_bytes": m.config.max_memory_bytes,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("sllm.server")
@@ -98,3 +99,12 @@ def freeze_heap(*, collect: bool = True, thaw: bool = False) -> None:
     if collect:
         gc.collect()
     gc.freeze()
+
+
+def warm_up(dirs: Callable[[], list[Path]], device: str) -> None:
+    """A node's warm-up at start (blocking; run it in a thread): the transformers code of
+    every checkpoint in ``dirs()``, the device's first kernels, then the heap frozen."""
+    for path in dirs():
+        import_model_code(path)
+    warm_device(device)
+    freeze_heap()
