@@ -128,7 +128,7 @@ def profile(models: dict[str, Path], url: str, work: Path, runs: int):
     from dataclasses import replace
 
     from sllm.core.format import open_checkpoint
-    from sllm.core.loadpath import cache_read_threads, measure_load_paths, measure_tensor_cost
+    from sllm.core.loadpath import measure_load_paths, measure_tensor_cost
     from sllm.core.profile import (
         TierBandwidth,
         build_profile,
@@ -143,9 +143,8 @@ def profile(models: dict[str, Path], url: str, work: Path, runs: int):
     ssd = measure_ssd(work, 256 << 20, runs=runs)
     dram = measure_dram_to_device(256 << 20, runs=runs)
     fixed = measure_loader_fixed_seconds(probe)
-    ssd_path = measure_ssd(work, 256 << 20, threads_options=(cache_read_threads(),), runs=runs)  # as the cache reads
     paths = measure_load_paths(probe, remote_url=url, remote_model=probe_name, work_dir=work, runs=runs,
-                               dram_gbps=dram.gbps, ssd_gbps=ssd_path.gbps)
+                               dram_gbps=dram.gbps)
     r = paths["remote"]
     remote = TierBandwidth("remote", r.gbps or nbytes / r.seconds / 1e9, nbytes, r.seconds, 0,
                            "pull into SSD and DRAM, pipelined", url)

@@ -211,11 +211,12 @@ def serve(
     not parse them again. At start the node faults in host memory for its models in the
     background (what --max-memory or --dram-capacity holds, largest models first; without
     either, the largest model's size if it fits half the available memory), so that a cold
-    start reads into touched memory; /status says pool_ready when that is done. Routes: POST /v1/completions, POST /v1/chat/completions (stream: true for
-    Server-Sent Events), GET /v1/models, GET /status, GET /health, and under /v1/cache
-    (--admin-key) the tiers: list, pin, evict, pull, and POST /v1/cache/MODEL/load, which
-    loads MODEL onto the device as a cold request would (schedule-plan --apply) and answers
-    with the tier it came from and the load's seconds.
+    start reads into touched memory; /status says pool_ready when that is done. Routes: POST
+    /v1/completions, POST /v1/chat/completions (stream: true for Server-Sent Events), GET
+    /v1/models, GET /status, GET /health, and under /v1/cache (--admin-key) the tiers: list,
+    pin, evict, pull, and POST /v1/cache/MODEL/load, which loads MODEL onto the device as a
+    cold request would (schedule-plan --apply) and answers with the tier it came from and
+    the load's seconds.
 
     With --cache-dir or --remote the node serves through the tier cache (as `sllm cache`):
     the models in its SSD and DRAM tiers and on the remote are servable too. A request for a

@@ -9,10 +9,13 @@ skeleton, views or the host-to-device copy). :func:`measure_load_paths` runs exa
 calls on one checkpoint from each tier, ``runs`` times each in a fresh cache directory.
 
 Each tier's figures (:class:`LoadPath`) come from one model, so the split of its time into a
-fixed part and a per-byte part uses the bandwidth *inside* that path: the bytes-over-time
-slope of the pull's own progress reports (remote), the SSD's cold read bandwidth (SSD; its
-own progress slope when not given), or the measured host-to-device bandwidth (DRAM on a
-GPU; on the CPU a DRAM hit moves no bytes: all of it is fixed cost).
+fixed part and a per-byte part uses the bandwidth *inside* that path, measured at the same
+moment as the path: the bytes-over-time slope of the pull's own progress reports (remote),
+an O_DIRECT read of the same SSD entry with the cache's reader threads right after each SSD
+cold start (SSD: ``fixed`` is the median of the paired differences, so a drift of the
+machine's speed between runs, 10-20 % over minutes on a small VM, stays in the per-byte part
+instead of being multiplied into the fixed one), or the measured host-to-device bandwidth
+(DRAM on a GPU; on the CPU a DRAM hit moves no bytes: all of it is fixed cost).
 Then ``fixed = seconds - bytes / bandwidth``. The fixed parts differ per tier (a pull's
 metadata round trips and entry commit, the SSD entry's lease and side files, the skeleton);
 one node-wide fixed cost cannot stand for all of them (``benchmarks/estimator_accuracy.py``).
@@ -54,6 +57,7 @@ class LoadPath:
         fixed_seconds: the part that does not grow with the bytes, seconds (>= 0).
         gbps: the path's bandwidth, GB/s (1e9 B/s); None when no bytes move (a DRAM hit on the CPU).
         runs: every run's seconds.
+        reads: the SSD path's paired O_DIRECT reads of the same bytes, seconds (one per run).
     """
 
     tier: str
@@ -62,18 +66,11 @@ class LoadPath:
     fixed_seconds: float
     gbps: float | None
     runs: tuple[float, ...] = ()
+    reads: tuple[float, ...] = ()
 
     def predict(self, nbytes: int) -> float:
         """``fixed_seconds + nbytes / gbps``: the estimate for a checkpoint of ``nbytes``."""
         return self.fixed_seconds + (nbytes / (self.gbps * 1e9) if self.gbps else 0.0)
-
-
-def cache_read_threads() -> int:
-    """The reader threads the tier cache reads an SSD entry into DRAM with (its default):
-    the thread count at which the SSD path's bandwidth is measured."""
-    from sllm.core.cache import CacheConfig
-
-    return int(CacheConfig.__dataclass_fields__["read_threads"].default)
 
 
 def stream_gbps(points: list[tuple[float, int]], skip_bytes: int = 0) -> float | None:
@@ -123,7 +120,6 @@ def measure_load_paths(
     work_dir: str | os.PathLike[str] | None = None,
     runs: int = 3,
     dram_gbps: float | None = None,
-    ssd_gbps: float | None = None,
     dram_repeats: int = DRAM_REPEATS,
     warmup: bool = True,
 ) -> dict[str, LoadPath]:
@@ -134,20 +130,17 @@ def measure_load_paths(
     Each run uses a fresh cache directory under ``work_dir`` (default: the model's parent):
     the remote pull when ``remote_url`` is given (else the model is copied into the SSD tier
     from a directory remote, untimed), a DRAM hit, then the DRAM entry evicted and the page
-    cache dropped, a read from SSD. One untimed load first pays transformers' lazy import, and
-    one untimed run (``warmup``) warms the process.
+    cache dropped, a read from SSD, and an O_DIRECT read of the entry's partitions as the
+    cache reads them (its reader threads and chunks, into touched memory), the SSD path's
+    per-byte part. One untimed load first pays transformers' lazy import, and one untimed run
+    (``warmup``) warms the process.
 
     Args:
         model_dir: a converted checkpoint. device: where models are built.
         remote_url: a remote holding it as ``remote_model`` (default: the directory's name).
         runs: cold starts per tier; the median is kept.
         dram_gbps: host-to-device bandwidth, GB/s, for the DRAM hit on a GPU (the copy is
-            its per-byte part); ignored on the CPU.
-        ssd_gbps: the SSD tier's cold read bandwidth with the cache's reader threads
-            (:func:`sllm.core.profile.measure_ssd` at :func:`cache_read_threads`), GB/s, for
-            the SSD path's per-byte part; None: the slope of its own progress
-            reports (which come in bursts of one chunk per reader thread, so they overstate
-            the rate of a read of a few chunks).
+            its per-byte part, and the SSD path's beside the read); ignored on the CPU.
         dram_repeats: DRAM hits per run (a hit takes milliseconds: more samples, less noise).
         warmup: one untimed run first (the first pulls of a process are slower: its heap and
             connections are cold, as a serving node's are not).
@@ -171,6 +164,7 @@ def measure_load_paths(
     release(load_model(model_dir, device))  # transformers' lazy import of the architecture, untimed
     times: dict[str, list[float]] = {t: [] for t in PATH_TIERS}
     rates: dict[str, list[float]] = {t: [] for t in PATH_TIERS}
+    reads: list[float] = []  # the SSD runs' paired O_DIRECT reads
     local_remote = None
     if not remote_url:  # a directory remote holding the model, to put it in the SSD tier
         local_remote = Path(tempfile.mkdtemp(prefix=".sllm-tmp-load-path-remote-", dir=work))
@@ -178,7 +172,7 @@ def measure_load_paths(
     try:
         for run in range(-1 if warmup else 0, runs):  # run -1: untimed, warms the process as a serving node is warm
             if run < 0:
-                keep = ({t: list(v) for t, v in times.items()}, {t: list(v) for t, v in rates.items()})
+                keep = ({t: list(v) for t, v in times.items()}, {t: list(v) for t, v in rates.items()}, list(reads))
             cache_dir = Path(tempfile.mkdtemp(prefix=".sllm-tmp-load-path-cache-", dir=work))
             config = CacheConfig(cache_dir, dram_capacity_bytes=2 * nbytes + (64 << 20),
                                  remote_url=remote_url or str(local_remote), remote=RemoteConfig.from_env(os.environ))
@@ -195,17 +189,17 @@ def measure_load_paths(
                     cache.evict(name, "dram")
                 for f in cache.ssd.path_of(name).iterdir():
                     evict_page_cache(f)
-                seconds, source, points, _ = _timed(cache, name, device)
+                seconds, source, _, _ = _timed(cache, name, device)
                 assert source == "ssd", source
                 times["ssd"].append(seconds)
-                _append(rates["ssd"], stream_gbps(points))
                 if not remote_url:
                     times["dram"] += [_timed(cache, name, device)[0] for _ in range(dram_repeats)]
+                reads.append(_read_entry(cache, name))  # last: it evicts the DRAM entry
             finally:
                 cache.close()
                 shutil.rmtree(cache_dir, ignore_errors=True)
             if run < 0:
-                times, rates = keep
+                times, rates, reads = keep
     finally:
         if local_remote is not None:
             shutil.rmtree(local_remote, ignore_errors=True)
@@ -214,15 +208,45 @@ def measure_load_paths(
         if not times[tier]:
             continue
         seconds = statistics.median(times[tier])
+        if tier == "ssd":  # fixed: the paired differences' median; per byte: the reads (module docstring)
+            copy = nbytes / (dram_gbps * 1e9) if device.startswith("cuda") and dram_gbps else 0.0  # then to the GPU
+            gbps = nbytes / (statistics.median(reads) + copy) / 1e9
+            fixed = max(0.0, statistics.median(t - r for t, r in zip(times[tier], reads, strict=True)) - copy)
+            out[tier] = LoadPath(tier, seconds, nbytes, fixed, gbps, tuple(times[tier]), tuple(reads))
+            continue
         if tier == "dram":
             gbps = dram_gbps if device.startswith("cuda") else None
-        elif tier == "ssd" and ssd_gbps:
-            gbps = ssd_gbps
         else:
             gbps = statistics.median(rates[tier]) if rates[tier] else nbytes / seconds / 1e9
         fixed = max(0.0, seconds - (nbytes / (gbps * 1e9) if gbps else 0.0))
         out[tier] = LoadPath(tier, seconds, nbytes, fixed, gbps, tuple(times[tier]))
     return out
+
+
+def _read_entry(cache, model: str) -> float:
+    """Seconds of an O_DIRECT read of ``model``'s SSD entry, page cache evicted, as
+    :meth:`TierCache.pull_for_load` reads it (its reader threads, the checkpoint's chunks),
+    into the DRAM tier's buffers (its entry evicted first, so the same touched memory):
+    the SSD path's per-byte part."""
+    from sllm.core.format import open_checkpoint
+    from sllm.io.reader import evict_page_cache, read_whole
+
+    path = cache.ssd.path_of(model)
+    ckpt = open_checkpoint(path)
+    parts = [(ckpt.partition_path(i), p.nbytes) for i, p in enumerate(ckpt.manifest.partitions)]
+    cache.evict(model, "dram")
+    pool = cache.dram.pool
+    buffers = [pool.acquire(n, populate=True) for _, n in parts]
+    try:
+        for f, _ in parts:
+            evict_page_cache(f)
+        started = time.perf_counter()
+        for (f, n), buf in zip(parts, buffers, strict=True):
+            read_whole(f, buf.memoryview(n), chunk_bytes=ckpt.manifest.chunk_bytes, threads=cache.config.read_threads)
+        return time.perf_counter() - started
+    finally:
+        for buf in buffers:
+            pool.release(buf)
 
 
 def _append(values: list[float], x: float | None) -> None:

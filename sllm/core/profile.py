@@ -372,7 +372,7 @@ def profile_node(
     from dataclasses import replace
 
     from sllm.core.format import open_checkpoint
-    from sllm.core.loadpath import cache_read_threads, measure_load_paths, measure_tensor_cost
+    from sllm.core.loadpath import measure_load_paths, measure_tensor_cost
 
     model_dir = Path(model_dir)
     ckpt = open_checkpoint(model_dir)
@@ -383,10 +383,8 @@ def profile_node(
         "dram": measure_dram_to_device(probe, device=device, runs=runs),
     }
     fixed = measure_loader_fixed_seconds(model_dir)
-    ssd_path = measure_ssd(ssd_dir or model_dir.parent, probe, threads_options=(cache_read_threads(),), runs=runs)
     paths = measure_load_paths(model_dir, device=device, remote_url=remote_url, remote_model=remote_model,
-                               work_dir=model_dir.parent, runs=runs, dram_gbps=tiers["dram"].gbps,
-                               ssd_gbps=ssd_path.gbps)
+                               work_dir=model_dir.parent, runs=runs, dram_gbps=tiers["dram"].gbps)
     if "remote" in paths:
         r = paths["remote"]
         tiers["remote"] = TierBandwidth(
