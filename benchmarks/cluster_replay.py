@@ -293,19 +293,20 @@ def policy_table(rates: list[float], duration: float, seed: int, inventory: Path
             rows.append({"rps": rps, "requests": len(reqs), "policy": res.policy, "mean": res.ttft_mean_seconds,
                          "p50": res.ttft_p50_seconds, "p99": res.ttft_p99_seconds, "warm": res.warm_fraction,
                          "queued": res.queued_requests, "migrations": res.migrations, "loads": res.loads,
+                         "failed": res.requests - res.served,
                          "estimate_errors": {a: {"requests": n, "median_signed": round(sg, 4), "median_abs": round(ab, 4)}
                                              for a, (n, sg, ab) in estimate_errors(res.records).items()}})
     budgets = sorted({s.memory_budget_bytes or 0 for s in inv.nodes.values()})
     print(f"simulated policies, {TRACE.name}, {duration:g} s at each rate, {len(inv.nodes)} nodes "
           f"({'/'.join(f'{b / 1e9:g}' for b in budgets)} GB of weights each), 64 x 13.4 GB models, Zipf(1) popularity, "
           f"{replicas} SSD cop{'y' if replicas == 1 else 'ies'} of each at the start ({inventory.name})")
-    print(f"{'rps':>5} {'policy':<18}{'mean s':>9}{'P50 s':>9}{'P99 s':>9}{'warm':>7}{'queued':>8}{'migr':>6}  "
-          f"{'P99 vs sllm':>11}")
+    print(f"{'rps':>5} {'policy':<18}{'mean s':>9}{'P50 s':>9}{'P99 s':>9}{'warm':>7}{'queued':>8}{'failed':>8}"
+          f"{'migr':>6}  {'P99 vs sllm':>11}  (P99 counts a failed request as infinitely late)")
     for rps in rates:
         sl = next(r for r in rows if r["rps"] == rps and r["policy"] == "sllm")
         for r in (r for r in rows if r["rps"] == rps):
             print(f"{rps:>5g} {r['policy']:<18}{r['mean']:>9.2f}{r['p50']:>9.2f}{r['p99']:>9.2f}{r['warm']:>7.0%}"
-                  f"{r['queued']:>8}{r['migrations']:>6}  {r['p99'] / sl['p99']:>10.2f}x")
+                  f"{r['queued']:>8}{r['failed']:>8}{r['migrations']:>6}  {r['p99'] / sl['p99']:>10.2f}x")
     print("the sllm policy's estimated time to first token against the simulated one, per action "
           "(requests: median signed error, median absolute error)")
     for rps in rates:

@@ -118,6 +118,26 @@ def test_memory_budget_makes_a_load_wait_for_a_busy_model():
     assert r1.queued_seconds == pytest.approx(7.335 - 0.1 - 2.125)
 
 
+def test_a_load_that_finds_no_room_within_the_budget_wait_fails_with_its_requests():
+    import math
+    from dataclasses import replace
+
+    inv = one_node(max_memory_bytes=GB)
+    # as above: n's pull ends at 4.05 s; m holds the budget until 7.235 s (every request generates 500
+    # tokens, so the scheduler, which knows the mean completion length only, sees that too)
+    reqs = [req(0, 0.0, "m", gen=500), req(1, 0.1, "n", gen=500), req(2, 4.5, "n", gen=500)]
+    cfg = replace(replace_replicas(CFG, 0), budget_wait_seconds=1.0)
+    res = Simulation(inv, {"m": GB, "n": GB}, reqs, "sllm-no-migration", cfg).run()
+    _, r1, r2 = res.records
+    assert r1.ttft_seconds is None and r1.startup_seconds == pytest.approx(4.05 + 1.0 - 0.1)  # failed at 5.05 s
+    assert r2.ttft_seconds is None and r2.startup_seconds == pytest.approx(5.05 - 4.5)  # it waited for that load
+    assert r1.action is None  # the nodes report the limit: the scheduler offers no wait of 3 s after the fetch
+    assert res.served == 1 and res.ttft_p99_seconds == math.inf and res.ttft_mean_seconds == pytest.approx(2.235)
+    patient = Simulation(inv, {"m": GB, "n": GB}, reqs, "sllm-no-migration", replace(cfg, budget_wait_seconds=None)).run()
+    assert patient.served == 3 and patient.records[1].action == "wait"
+    assert patient.records[1].ttft_seconds == pytest.approx(7.235 + 0.1 + 0.11 - 0.1)
+
+
 def test_migration_frees_the_node_holding_the_model_in_dram():
     inv = Inventory({"a": gpu_node("a", max_memory_bytes=GB), "b": gpu_node("b", max_memory_bytes=GB)})
     sim = Simulation(inv, {"m": GB, "x": GB}, [], "sllm", replace_replicas(CFG, 0))

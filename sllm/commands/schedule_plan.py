@@ -89,7 +89,9 @@ def schedule_plan(
 
     With --simulate TRACE, simulates the inventory's nodes serving the trace under each
     policy, with the same estimator and scheduler, and prints time to first token (mean,
-    P50, P90, P99), the startup breakdown and the requests that queued.
+    P50, P90, P99), the startup breakdown, the requests that queued and those that failed
+    (a load that finds no room within a node's 120 s budget wait fails, with the requests
+    waiting for it, as sllm serve does; percentiles count a failed request as infinitely late).
     """
     from sllm.core.inventory import TomlInventory
 
@@ -201,9 +203,11 @@ def _simulate(inv: Any, trace: str, models: str | None, policy: str, rps: float 
         return
     span = requests[-1].arrival_seconds if requests else 0.0
     table(f"{trace}: {len(requests)} requests over {span:.0f} s on {len(inv.nodes)} node(s), {len(sizes)} model(s)",
-          ["policy", "mean s", "P50 s", "P90 s", "P99 s", "warm", "queued", "startup s", "queue s", "loads", "migrations"],
+          ["policy", "mean s", "P50 s", "P90 s", "P99 s", "warm", "queued", "failed", "startup s", "queue s", "loads",
+           "migrations"],
           [[r.policy, r.ttft_mean_seconds, r.ttft_p50_seconds, r.ttft_p90_seconds, r.ttft_p99_seconds,
-            f"{r.warm_fraction:.0%}", r.queued_requests, r.startup_mean_seconds, r.queued_mean_seconds,
+            f"{r.warm_fraction:.0%}", r.queued_requests, r.requests - r.served, r.startup_mean_seconds,
+            r.queued_mean_seconds,
             " ".join(f"{k}:{v}" for k, v in r.loads.items()) or "-", r.migrations] for r in results], min_width=160)
 
 

@@ -21,6 +21,10 @@ if TYPE_CHECKING:
 #: Seconds to wait for a node's ``/status`` before marking it down.
 STATUS_TIMEOUT_SECONDS = 1.0
 
+#: How long ``sllm serve`` lets a load wait for room in its memory budget (leased models to go
+#: idle) before it fails the load, seconds; a node reports it in ``/status``.
+BUDGET_WAIT_SECONDS = 120.0
+
 @dataclass(frozen=True)
 class RunningRequest:
     """A request a node is generating: its id and token counts (prompt, generated so far)."""

@@ -11,7 +11,8 @@ modelled:
 - each node queues loads per resource as ``sllm serve`` does: a remote pull holds its link,
   an SSD read its disk, one load at a time each, a DRAM hit neither; then the load waits
   for room in the memory budget (least recently used idle models unload to make room; it
-  waits while models in use hold it) and pays the loader's fixed cost; the parse of the model's
+  waits while models in use hold it, for at most ``budget_wait_seconds``, then fails with the
+  requests waiting for it, as ``sllm serve`` does) and pays the loader's fixed cost; the parse of the model's
   tokenizer (the node's ``tokenizer_seconds``) runs beside the transfer and that cost (after it,
   beside the fixed cost only, for a remote pull: :func:`sllm.core.estimator.tokenizer_overlap`)
   where the node holds none of the model's (it keeps the last ``tokenizer_cache`` models', and
@@ -32,15 +33,13 @@ buffered read measures it, i.e. the page cache's (the node's DRAM figure), migra
 a = 0.01 s/token and b = 0.1 s never fitted; its free-GPU accounting bug is not modelled),
 ``availability`` (the model's resident node if any, else a random node with room, loading from
 wherever the model is: Shepherd*-like) and ``random``. Not modelled: remote bandwidth shared
-between concurrent pulls, network hops, engine batching limits, a live node's limit on a
-load's wait for room (``budget_wait_seconds``: simulated loads wait as long as it takes).
+between concurrent pulls, network hops, engine batching limits.
 """
 
 from __future__ import annotations
 
 import math
 import random
-import statistics
 from collections import Counter, OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -66,7 +65,9 @@ from sllm.core.inventory import (
     RunningRequest,
     TierSpec,
 )
+from sllm.core.node_state import BUDGET_WAIT_SECONDS
 from sllm.core.scheduler import Option, plan
+from sllm.core.simresults import PolicyResult, RequestRecord, estimate_errors, percentile, summarize
 from sllm.core.workload import Request
 from sllm.errors import UsageError
 
@@ -95,6 +96,10 @@ class SimConfig:
             which a node measures from submission to its engine (0: not modelled).
         tokenizer_cache: tokenizers a node keeps, the last models' it loaded (as ``sllm
             serve``: ``sllm.server.loading.TOKENIZER_CACHE_SIZE``).
+        budget_wait_seconds: how long a load waits for room in a node's budget before it
+            fails, with every request waiting for it (as ``sllm serve``:
+            :data:`~sllm.core.node_state.BUDGET_WAIT_SECONDS`; nodes report it to the
+            scheduler); None: as long as it takes.
     """
 
     keep_alive_seconds: float = 60.0
@@ -105,72 +110,7 @@ class SimConfig:
     forward_seconds: float = 0.0
     request_seconds: float = 0.0
     tokenizer_cache: int = 8
-
-
-@dataclass(frozen=True)
-class RequestRecord:
-    """One simulated request's outcome (seconds from its arrival).
-
-    Attributes:
-        id, model, node: what, where. arrival_seconds: when it arrived.
-        ttft_seconds: to its first token (None: it could not be served).
-        startup_seconds: until its model was ready on its node (0 warm).
-        queued_seconds: of that, waiting for the loader or for room.
-        tier: where the load it waited for read from ("device" when warm).
-        action: the scheduler's option for it (policies ``sllm``, ``sllm-no-migration``,
-            ``serverlessllm``; None for the others): "resident", "load", "wait", ...
-        estimate_seconds: that option's estimated time to first token, with the hops the
-            simulator adds (``forward_seconds``, ``request_seconds``), to set beside
-            ``ttft_seconds`` (None without an option).
-    """
-
-    id: int
-    model: str
-    node: str
-    arrival_seconds: float
-    ttft_seconds: float | None
-    startup_seconds: float
-    queued_seconds: float
-    tier: str
-    action: str | None = None
-    estimate_seconds: float | None = None
-
-
-@dataclass(frozen=True)
-class PolicyResult:
-    """A policy's figures over the workload (seconds).
-
-    Attributes:
-        policy, requests (count), served. ttft_mean/p50/p90/p99/max_seconds.
-        warm_fraction: requests whose model was resident. queued_requests: requests that
-        waited for a loader or room. loads: loads per source tier. migrations: count.
-        startup_mean_seconds, queued_mean_seconds: means over all requests.
-        records: per-request outcomes.
-    """
-
-    policy: str
-    requests: int
-    served: int
-    ttft_mean_seconds: float
-    ttft_p50_seconds: float
-    ttft_p90_seconds: float
-    ttft_p99_seconds: float
-    ttft_max_seconds: float
-    warm_fraction: float
-    queued_requests: int
-    loads: dict[str, int]
-    migrations: int
-    startup_mean_seconds: float
-    queued_mean_seconds: float
-    records: tuple[RequestRecord, ...] = field(repr=False, default=())
-
-
-def percentile(values: Sequence[float], p: float) -> float:
-    """The nearest-rank ``p``-th percentile (0 < p <= 100) of ``values`` (nan when empty)."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+    budget_wait_seconds: float | None = BUDGET_WAIT_SECONDS
 
 
 class _Lru:
@@ -237,6 +177,7 @@ class _Job:
     start: float | None = None
     resource: str | None = None
     work_seconds: float = 0.0  # transfer + fixed cost: the rest of its time is queueing
+    failed: bool = False  # no room within the budget wait
 
 
 class _Node:
@@ -262,6 +203,7 @@ class _Node:
         self.mean_generated: float | None = None
         self.tokenizers: OrderedDict[str, None] = OrderedDict()  # models whose tokenizer it holds, LRU first
         self.tokenizer_cache = cfg.tokenizer_cache
+        self.budget_wait = cfg.budget_wait_seconds
 
     def hold_tokenizer(self, model: str) -> None:
         self.tokenizers[model] = None
@@ -307,7 +249,7 @@ class _Node:
         return NodeState(self.spec.name, max_memory_bytes=budget, resident=tuple(resident), tiers=tiers,
                          loader=loader, prefill=_AnyModel(fit or self.fit), has_remote=True,
                          decode_seconds_per_token=self.decode, mean_generated_tokens=self.mean_generated,
-                         tokenizers=frozenset(self.tokenizers))
+                         tokenizers=frozenset(self.tokenizers), budget_wait_seconds=self.budget_wait)
 
 
 class Simulation:
@@ -395,6 +337,10 @@ class Simulation:
                     return
                 ev = node.loading.get(r.model) or env.process(self._load(node, r.model))
                 job = yield ev
+                if job.failed:  # no room in time: the node answers its waiting requests with an error
+                    self.records.append(RequestRecord(r.id, r.model, node_name, r.arrival_seconds, None,
+                                                      env.now - r.arrival_seconds, 0.0, job.tier, action, estimate))
+                    return
         finally:
             node.pending[r.model] -= 1
         ready = env.now
@@ -437,12 +383,19 @@ class Simulation:
                     job.start = env.now
                     yield env.timeout(seconds)
             job.resource, job.start = None, None  # out of the resource's queue; its bytes still count
+            deadline = math.inf if node.budget_wait is None else env.now + node.budget_wait
             while node.used() + nbytes > node.budget:  # then room in the memory budget
                 idle = [i for i in node.instances.values() if node.idle(i)]
                 if idle:
                     node.unload(min(idle, key=lambda i: (i.last_used, i.model)).model)
                     continue
-                yield node._freed
+                if env.now >= deadline:
+                    job.failed = True
+                    break
+                yield node._freed if math.isinf(deadline) else node._freed | env.timeout(deadline - env.now)
+            if job.failed:
+                done.succeed(job)
+                return job
             node.reserved += nbytes
             yield env.timeout(fixed)
             node.reserved -= nbytes
@@ -473,7 +426,9 @@ class Simulation:
         dst.pending[mv.model] += 1
         try:
             while mv.model not in dst.instances:
-                yield dst.loading.get(mv.model) or self.env.process(self._load(dst, mv.model))
+                job = yield dst.loading.get(mv.model) or self.env.process(self._load(dst, mv.model))
+                if job.failed:  # the destination found no room: the requests stay where they are
+                    return
             now = self.env.now
             tokens = [q.tokens for r in src.state(now).resident if r.model == mv.model for q in r.requests]
             yield self.env.timeout(estimate_migration(mv.model, tokens, dst.fit).seconds)
@@ -548,34 +503,6 @@ def _anchor_inventory(inv: Inventory) -> Inventory:
     return replace(inv, nodes=nodes)
 
 
-def estimate_errors(records: Sequence[RequestRecord]) -> dict[str, tuple[int, float, float]]:
-    """How far the scheduler's estimates were from what the simulation then did, per action:
-    action -> (requests, median signed error, median absolute error), the error of a request
-    being ``(estimate - ttft) / ttft`` over the served requests that had an option and a
-    first token after more than 0 s."""
-    by: dict[str, list[float]] = {}
-    for rec in records:
-        if rec.action is None or rec.estimate_seconds is None or not rec.ttft_seconds:
-            continue
-        by.setdefault(rec.action, []).append((rec.estimate_seconds - rec.ttft_seconds) / rec.ttft_seconds)
-    return {a: (len(e), statistics.median(e), statistics.median(abs(x) for x in e)) for a, e in sorted(by.items())}
-
-
-def summarize(policy: str, records: Sequence[RequestRecord], loads: Mapping[str, int], migrations: int) -> PolicyResult:
-    """A :class:`PolicyResult` from per-request records."""
-    records = sorted(records, key=lambda r: r.id)
-    ttfts = [r.ttft_seconds for r in records if r.ttft_seconds is not None]
-    n = len(records)
-    mean = (lambda xs: sum(xs) / len(xs) if xs else math.nan)  # noqa: E731
-    return PolicyResult(
-        policy, n, len(ttfts), mean(ttfts), percentile(ttfts, 50), percentile(ttfts, 90), percentile(ttfts, 99),
-        max(ttfts) if ttfts else math.nan, sum(1 for r in records if r.tier == "device") / n if n else math.nan,
-        sum(1 for r in records if r.queued_seconds > 1e-9), dict(sorted(loads.items())), migrations,
-        mean([r.startup_seconds for r in records if r.ttft_seconds is not None]),
-        mean([r.queued_seconds for r in records if r.ttft_seconds is not None]), tuple(records),
-    )
-
-
 def simulate(inventory: Inventory, models: Mapping[str, int], requests: Sequence[Request], policies: Sequence[str],
              config: SimConfig = SimConfig()) -> list[PolicyResult]:
     """Run each policy on the same workload (a fresh cluster each); results in the given order.
@@ -586,5 +513,5 @@ def simulate(inventory: Inventory, models: Mapping[str, int], requests: Sequence
     return [Simulation(inventory, models, requests, p, config).run() for p in policies]
 
 
-__all__ = ["DEFAULT_FIT", "POLICIES", "PolicyResult", "RequestRecord", "SimConfig", "Simulation", "percentile",
-           "simulate", "summarize"]
+__all__ = ["DEFAULT_FIT", "POLICIES", "PolicyResult", "RequestRecord", "SimConfig", "Simulation", "estimate_errors",
+           "percentile", "simulate", "summarize"]

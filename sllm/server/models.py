@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sllm.core.format import open_checkpoint
+from sllm.core.node_state import BUDGET_WAIT_SECONDS
 from sllm.errors import CacheError, SllmError
 from sllm.io.remote import redact_url
 from sllm.server import report
@@ -67,8 +68,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sllm.server")
 
-#: How long a load waits for leased models to go idle when the budget is full, seconds.
-BUDGET_WAIT_SECONDS = 120.0
 #: Seconds a request for a name no local tier holds waits for the remote to say if it has it (then a 503).
 REMOTE_LOOKUP_SECONDS = 10.0
 

@@ -127,7 +127,7 @@ async def status(m: ModelManager) -> dict[str, Any]:
     ``tokenizers``: the models whose tokenizer the node holds (a load of another parses
     one). The tier cache is read in a metadata thread.
     """
-    from sllm.server.models import BUDGET_WAIT_SECONDS
+    from sllm.core.node_state import BUDGET_WAIT_SECONDS
 
     cache = None
     if m.tiers is not None:
