@@ -218,8 +218,9 @@ def load_bench(
     count), DRAM-to-device bandwidth, the remote's (with --remote), the loader's fixed cost
     per load, and the same model loaded from each tier the way `sllm serve` loads it (the
     tier cache brings it to DRAM, then the model is built on the DRAM lease), split into
-    each tier's fixed cost and load-path bandwidth (the slope of the pull's own progress;
-    the host-to-device copy for a DRAM hit on a GPU), which the scheduler's estimates use
+    each tier's fixed cost and load-path bandwidth (the slope of the pull's own progress; an
+    O_DIRECT read of the SSD entry right after each SSD cold start, the fixed cost being the
+    median difference; the host-to-device copy for a DRAM hit on a GPU), which the scheduler's estimates use
     (tiers.T.load_fixed_seconds and load_gbps in the profile); the profile goes to --profile.
     """
     from sllm.core import bench
