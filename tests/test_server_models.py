@@ -71,6 +71,32 @@ def test_a_node_without_a_budget_reserves_one_model_at_start_and_its_first_load_
     asyncio.run(scenario())
 
 
+def test_a_cache_node_reserves_its_ssd_entries_within_the_dram_tier_or_its_largest_without_one(models_dir, tmp_path):
+    from sllm.core.cache import CacheConfig, TierCache
+    from sllm.core.pool import HostMemoryPool
+    from sllm.io.hostmem import round_up
+
+    one = round_up(open_checkpoint(models_dir / "gpt2-a").manifest.partitions[0].nbytes)
+    cache = TierCache(CacheConfig(tmp_path / "c", remote_url=str(models_dir)), pool=HostMemoryPool())
+    for m in ("gpt2-a", "gpt2-b"):
+        cache.pull(m)  # into the SSD tier
+    cache.close()
+
+    async def reserved(dram_capacity: int) -> int:
+        m = ModelManager(ServeConfig(cache=CacheConfig(tmp_path / "c", dram_capacity_bytes=dram_capacity)))
+        m.start()
+        await asyncio.wrap_future(m.reservation)
+        free = m.pool.stats().free_bytes
+        await m.close()
+        return free
+
+    async def scenario():
+        assert await reserved(0) == one  # no DRAM tier, no --max-memory: the largest model
+        assert await reserved(2 * one + one // 2) == 2 * one  # the SSD entries that fit the DRAM tier
+
+    asyncio.run(scenario())
+
+
 def test_keep_alive_unloads_idle_models_only(models_dir):
     async def scenario():
         clock = FakeClock()

@@ -566,7 +566,7 @@ class ModelManager:
             return paths + ([ssd.path_of(mid) for mid in cache_ids if ssd.has(mid)] if ssd is not None else [])
 
         self.warm = loop.run_in_executor(self._meta_threads, warm_up, dirs, self.config.device)
-        budget = self.config.max_memory_bytes or (self.config.cache.dram_capacity_bytes if self.config.cache else None)
+        budget = self.config.max_memory_bytes or (self.config.cache and self.config.cache.dram_capacity_bytes) or None
         self.reservation = self.pool.reserve_async(lambda: reservation_for(dirs(), budget))
 
     async def close(self) -> None:
