@@ -153,6 +153,7 @@ def test_background_thread_serves_concurrent_requests_and_closes(model):
     assert pending.wait(timeout=10) and pending.finish_reason in ("cancelled", "length")
     with pytest.raises(UsageError, match="closed"):
         engine.submit([1], SamplingParams())
+    assert engine.kv.keys == engine.kv.values == []  # the KV cache's tensors are dropped at close
 
 
 def test_sampling_helpers():

@@ -97,6 +97,40 @@ def test_a_cache_node_reserves_its_ssd_entries_within_the_dram_tier_or_its_large
     asyncio.run(scenario())
 
 
+def test_an_unloads_collection_waits_until_no_cold_start_is_under_way():
+    from sllm.server.warmup import COLLECT_DEFER_SECONDS, UnloadCollection
+
+    clock, submitted = FakeClock(), []
+    g = UnloadCollection(lambda fn, **kw: submitted.append(kw), clock)
+    assert not g.poll(busy=False) and submitted == []  # nothing unloaded
+    g.unloaded()
+    clock.t += 1
+    g.unloaded()  # a second unload joins the first's collection
+    assert not g.poll(busy=True) and submitted == []
+    assert g.poll(busy=False) and submitted == [{"thaw": True}] and not g.poll(busy=False)
+    g.unloaded()
+    clock.t += COLLECT_DEFER_SECONDS
+    assert g.poll(busy=True) and len(submitted) == 2  # busy for too long: collected anyway
+
+
+def test_a_load_that_unloads_to_make_room_collects_after_its_first_token(models_dir):
+    size = open_checkpoint(models_dir / "gpt2-a").manifest.total_bytes
+
+    async def scenario():
+        m = _manager(models_dir, max_memory_bytes=size + (2 << 20) + (size // 2),
+                     engine=EngineConfig(kv_cache_bytes=1 << 20))  # room for one model and its KV cache
+        polls = []
+        m.garbage._submit = lambda fn, **kw: polls.append(kw)
+        m.release(await m.acquire("gpt2-a"))
+        assert polls == [] and not m.cold_starting()
+        m.first_token(lease := await m.acquire("gpt2-b"))  # gpt2-a unloaded for room during the load
+        m.release(lease)
+        assert m.counters["unloads"] == 1 and polls == [{"thaw": True}]
+        await m.close()
+
+    asyncio.run(scenario())
+
+
 def test_keep_alive_unloads_idle_models_only(models_dir):
     async def scenario():
         clock = FakeClock()

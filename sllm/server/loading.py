@@ -192,3 +192,18 @@ def load_blocking(
             where = entry.path or entry.model_id
             raise CheckpointError(f"{where}: cannot load the tokenizer: {box['error']}") from box["error"]
     return model, box["tokenizer"], make_engine(model, entry)
+
+
+def default_loader(path: Path, config: ServeConfig, pool: Any) -> Any:
+    """The sllm backend's weights: :func:`sllm.core.loader.load_model` with the node's
+    device, reader threads and O_DIRECT setting, into its host memory ``pool``."""
+    from sllm.core.loader import load_model
+
+    return load_model(path, config.device, threads=config.loader_threads, direct_io=config.direct_io, pool=pool)
+
+
+def default_release(model: Any) -> None:
+    """Undo :func:`default_loader` (:func:`sllm.core.loader.release`: the buffers go back to the pool)."""
+    from sllm.core.loader import release
+
+    release(model)

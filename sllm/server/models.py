@@ -48,7 +48,7 @@ from sllm.errors import CacheError, SllmError
 from sllm.io.remote import redact_url
 from sllm.server import report
 from sllm.server.catalog import Catalog, Snapshot, check_model_name
-from sllm.server.loading import TokenizerCache, load_blocking
+from sllm.server.loading import TokenizerCache, default_loader, default_release, load_blocking
 from sllm.server.state import (  # noqa: F401 - re-exported: the lifecycle's public records and errors
     ColdStart,
     Entry,
@@ -61,7 +61,7 @@ from sllm.server.state import (  # noqa: F401 - re-exported: the lifecycle's pub
     ShuttingDown,
     TierConflict,
 )
-from sllm.server.warmup import freeze_heap, warm_up
+from sllm.server.warmup import UnloadCollection, freeze_heap, warm_up
 
 if TYPE_CHECKING:
     from sllm.server.tiers import Fetched, NodeTiers
@@ -110,8 +110,8 @@ class ModelManager:
             from sllm.integrations.vllm import backend
 
             loader, release = backend.load, backend.release
-        self._loader = loader or _default_loader
-        self._release = release or _default_release
+        self._loader = loader or default_loader
+        self._release = release or default_release
         self.tokenizers = TokenizerCache()  # kept across unloads (loading.py)
         self.entries: dict[str, Entry] = {}
         self.snapshot = Snapshot()
@@ -124,6 +124,8 @@ class ModelManager:
         self.closing = asyncio.Event()
         self._load_threads = ThreadPoolExecutor(4, thread_name_prefix="sllm-load")
         self._meta_threads = ThreadPoolExecutor(2, thread_name_prefix="sllm-meta")
+        self.garbage = UnloadCollection(self._meta_threads.submit, clock)  # after cold starts, not during
+        self.cold_leases = 0  # leases of requests that started a load, until their first token
         self._reaper: asyncio.Task | None = None
         self.warm: asyncio.Future | None = None
         self.reservation: Future[None] | None = None  # the pool's background reservation (start)
@@ -299,6 +301,7 @@ class ModelManager:
         res.leases += 1
         res.last_used = self.clock()
         waited = res.last_used - arrived if res.loaded_at >= arrived else 0.0
+        self.cold_leases += started_load
         return Lease(res, waited, arrived, cold=entry.cold if started_load else None)
 
     def release(self, lease: Lease) -> None:
@@ -306,6 +309,8 @@ class ModelManager:
         if lease.released:
             return
         lease.released = True
+        if lease.cold is not None:  # a cold start that ends without a first token
+            lease.cold, self.cold_leases = None, self.cold_leases - 1
         lease.resident.leases -= 1
         lease.resident.last_used = self.clock()
         self._released.set()
@@ -314,9 +319,15 @@ class ModelManager:
         """Record the first token of a request; completes the cold-start breakdown it started."""
         cold, lease.cold = lease.cold, None
         if cold is not None:
+            self.cold_leases -= 1
             now = self.clock()
             cold.first_token_seconds = now - lease.resident.loaded_at
             cold.ttft_seconds = now - lease.arrived
+            self.garbage.poll(self.cold_starting())
+
+    def cold_starting(self) -> bool:
+        """A load in progress, or a cold start's request waiting for its first token."""
+        return self.cold_leases > 0 or any(e.loading is not None for e in self.entries.values())
 
     def leases(self) -> int:
         """Requests holding a model now (all models)."""
@@ -499,6 +510,7 @@ class ModelManager:
             entry.unloading = None
         self.counters["unloads"] += 1
         self._released.set()
+        self.garbage.poll(self.cold_starting())
         await self.trim_pool()
         log.info("unloaded %s (%s)", entry.model_id, reason)
         return True
@@ -507,7 +519,7 @@ class ModelManager:
         res.engine.close()
         self._release(res.model)
         res.model = res.engine = None
-        self._meta_threads.submit(freeze_heap, thaw=True)
+        self.garbage.unloaded()
 
     async def trim_pool(self) -> None:
         """Keep idle pooled buffers only while resident models + pool stay within the budget,
@@ -545,6 +557,7 @@ class ModelManager:
             await asyncio.sleep(interval)
             try:
                 await self.reap()
+                self.garbage.poll(self.cold_starting())
             except Exception:  # keep reaping; an unload failure must not stop the node
                 log.exception("unloading idle models failed")
 
@@ -585,14 +598,3 @@ class ModelManager:
         self._load_threads.shutdown(wait=False, cancel_futures=True)
         self._meta_threads.shutdown(wait=False, cancel_futures=True)
 
-
-def _default_loader(path: Path, config: ServeConfig, pool: Any) -> Any:
-    from sllm.core.loader import load_model
-
-    return load_model(path, config.device, threads=config.loader_threads, direct_io=config.direct_io, pool=pool)
-
-
-def _default_release(model: Any) -> None:
-    from sllm.core.loader import release
-
-    release(model)

@@ -514,7 +514,7 @@ class Engine:
             gen._emit(None)
 
     def close(self) -> None:
-        """Stop the thread; unfinished requests end "cancelled". Idempotent."""
+        """Stop the thread; unfinished requests end "cancelled"; free the KV cache. Idempotent."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -525,6 +525,8 @@ class Engine:
         for gen in rest:
             self._end(gen, "cancelled")
         self._tell_ended()
+        if self._thread is None or not self._thread.is_alive():  # not from a step of its own thread
+            self.kv.free()  # the KV cache's memory now, not when a collection finds the engine's cycles
 
     def _run(self) -> None:
         while True:

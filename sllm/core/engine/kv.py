@@ -115,6 +115,11 @@ class PagedKV:
         for t in (*self.keys, *self.values):
             t[:RESERVED_SLOTS].zero_()
 
+    def free(self) -> None:
+        """Drop the key and value tensors (the engine closed): their memory goes back at once,
+        whether or not the engine's objects wait for the garbage collector."""
+        self.keys, self.values = [], []
+
     @property
     def nbytes(self) -> int:
         """Bytes of the blocks (the reserved slots not counted)."""
