@@ -163,7 +163,7 @@ def measure_load_paths(
     work = Path(work_dir or model_dir.parent)
     release(load_model(model_dir, device))  # transformers' lazy import of the architecture, untimed
     times: dict[str, list[float]] = {t: [] for t in PATH_TIERS}
-    rates: dict[str, list[float]] = {t: [] for t in PATH_TIERS}
+    rates: list[float] = []  # the remote pulls' streaming rates
     reads: list[float] = []  # the SSD runs' paired O_DIRECT reads
     local_remote = None
     if not remote_url:  # a directory remote holding the model, to put it in the SSD tier
@@ -172,7 +172,7 @@ def measure_load_paths(
     try:
         for run in range(-1 if warmup else 0, runs):  # run -1: untimed, warms the process as a serving node is warm
             if run < 0:
-                keep = ({t: list(v) for t, v in times.items()}, {t: list(v) for t, v in rates.items()}, list(reads))
+                keep = ({t: list(v) for t, v in times.items()}, list(rates), list(reads))
             cache_dir = Path(tempfile.mkdtemp(prefix=".sllm-tmp-load-path-cache-", dir=work))
             config = CacheConfig(cache_dir, dram_capacity_bytes=2 * nbytes + (64 << 20),
                                  remote_url=remote_url or str(local_remote), remote=RemoteConfig.from_env(os.environ))
@@ -181,7 +181,7 @@ def measure_load_paths(
                 if remote_url:
                     seconds, _, points, side = _timed(cache, name, device)
                     times["remote"].append(seconds)
-                    _append(rates["remote"], stream_gbps(points, side))
+                    _append(rates, stream_gbps(points, side))
                 else:
                     cache.pull(name)  # into SSD only, untimed
                 if cache.dram is not None and cache.dram.has(name):
@@ -217,7 +217,7 @@ def measure_load_paths(
         if tier == "dram":
             gbps = dram_gbps if device.startswith("cuda") else None
         else:
-            gbps = statistics.median(rates[tier]) if rates[tier] else nbytes / seconds / 1e9
+            gbps = statistics.median(rates) if rates else nbytes / seconds / 1e9
         fixed = max(0.0, seconds - (nbytes / (gbps * 1e9) if gbps else 0.0))
         out[tier] = LoadPath(tier, seconds, nbytes, fixed, gbps, tuple(times[tier]))
     return out

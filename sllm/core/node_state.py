@@ -25,6 +25,7 @@ STATUS_TIMEOUT_SECONDS = 1.0
 #: idle) before it fails the load, seconds; a node reports it in ``/status``.
 BUDGET_WAIT_SECONDS = 120.0
 
+
 @dataclass(frozen=True)
 class RunningRequest:
     """A request a node is generating: its id and token counts (prompt, generated so far)."""
